@@ -1,0 +1,139 @@
+"""Shared argument validation and backend selection for :mod:`fastrp.ops`.
+
+Every public op validates its inputs with these helpers so that a bad call raises a
+``ValueError`` naming the argument and what was expected, and resolves ``backend=`` the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from .. import _ext
+
+BACKENDS = ("torch", "triton", "cpp", "cuda")
+ACTIVATIONS = ("silu", "relu", "tanh")
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_tensor(
+    name: str,
+    t,
+    ndim: Optional[int] = None,
+    shape: Optional[Sequence[Optional[int]]] = None,
+    dtypes: Optional[Iterable[torch.dtype]] = (torch.float32, torch.float64),
+    device: Optional[torch.device] = None,
+    what: str = "",
+) -> torch.Tensor:
+    """Check a tensor argument and raise ``ValueError`` naming it and the expectation.
+
+    ``shape`` entries of ``None`` match any size. ``what`` describes the expected layout, e.g.
+    ``"[E, B, in]"``, and is included in the message.
+    """
+    layout = f" {what}" if what else ""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor{layout}, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be a {ndim}-d tensor{layout}, got {_describe(t)}")
+    if shape is not None:
+        if t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape)):
+            exp = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise ValueError(f"{name} must have shape {exp}{layout}, got {_describe(t)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            names = " or ".join(str(d) for d in dtypes)
+            raise ValueError(f"{name} must have dtype {names}, got {_describe(t)}")
+    if device is not None and t.device != torch.device(device):
+        raise ValueError(f"{name} must be on device {device} (like the other inputs), got {_describe(t)}")
+    return t
+
+
+def check_same_dtype(ref_name: str, ref: torch.Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is not None and t.dtype != ref.dtype:
+            raise ValueError(f"{name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}")
+
+
+def check_activation(activation: str) -> str:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return activation
+
+
+def triton_available() -> bool:
+    """Triton importable (Linux)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton can run kernels on tensors of ``device``: CUDA, or CPU under TRITON_INTERPRET=1."""
+    if not triton_available():
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and triton_interpret()
+
+
+def resolve_backend(op: str, backend: Optional[str], device: torch.device, supported: Sequence[str]) -> str:
+    """Pick the backend for ``op`` on ``device``.
+
+    ``supported`` lists the backends ``op`` implements, in order of preference for auto
+    selection. ``None`` picks the first usable one; an explicit choice that cannot run raises a
+    ``ValueError`` saying why.
+    """
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be None (auto) or one of {BACKENDS}, got {backend!r}")
+    if backend is None:
+        for cand in supported:
+            if _usable(cand, device, auto=True):
+                return cand
+        return "torch"
+    if backend not in supported:
+        raise ValueError(f"{op}: backend={backend!r} is not implemented; choose one of {tuple(supported)} or None")
+    if not _usable(backend, device, auto=False):
+        raise ValueError(f"{op}: backend={backend!r} cannot run on device {device}: {_why_unusable(backend, device)}")
+    return backend
+
+
+def _usable(backend: str, device: torch.device, auto: bool) -> bool:
+    if backend == "torch":
+        return True
+    if backend == "triton":
+        if auto:  # auto never picks the (slow) interpreter on CPU
+            return device.type == "cuda" and triton_available()
+        return triton_usable(device)
+    if backend == "cpp":
+        return device.type == "cpu" and _ext.has_ext()
+    if backend == "cuda":
+        return device.type == "cuda" and _ext.has_cuda_ext()
+    return False
+
+
+def _why_unusable(backend: str, device: torch.device) -> str:
+    if backend == "triton":
+        if not triton_available():
+            return "triton is not installed"
+        return "triton runs on CUDA tensors, or on CPU tensors only with TRITON_INTERPRET=1 set before import"
+    if backend == "cpp":
+        if device.type != "cpu":
+            return "the C++ backend takes CPU tensors"
+        return "the compiled extension fastrp._C is not available"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return "the CUDA backend takes CUDA tensors"
+        return "fastrp._C was built without its CUDA sources"
+    return "unknown backend"
