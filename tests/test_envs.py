@@ -1,0 +1,426 @@
+"""fastrp.envs against gymnasium's own MuJoCo v5 envs: stepping, autoreset, seeding, set_state,
+termination functions, true-dynamics Jacobians and check_env."""
+
+import warnings
+
+import gymnasium
+import mujoco
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+
+from fastrp.envs import (
+    ENV_IDS,
+    ENV_NAMES,
+    MujocoVectorEnv,
+    dynamics_jacobians,
+    make,
+    make_single,
+    termination_fn,
+)
+from fastrp.envs._physics import has_batch
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*settotalmass.*")
+
+OBS_DIMS = {"InvertedPendulum": 4, "Hopper": 11, "Walker2d": 17, "HalfCheetah": 17, "Ant": 27, "Humanoid": 45}
+FULL_OBS_DIMS = {"Ant": 105, "Humanoid": 348}
+TERMINATING = ("InvertedPendulum", "Hopper", "Walker2d", "Ant", "Humanoid")
+PHYSICS = ["batch", "loop"] if has_batch() else ["loop"]
+CASES = [(name, False) for name in ENV_NAMES] + [("Ant", True), ("Humanoid", True)]
+
+
+def gym_envs(env: MujocoVectorEnv, n: int, **kwargs):
+    """gymnasium.make copies configured like ``env`` (same kwargs and time limit)."""
+    return [gymnasium.make(env.task.env_id, max_episode_steps=env.max_episode_steps, **env.task.kwargs, **kwargs)
+            for _ in range(n)]
+
+
+def assert_reward_equal(reward, ref):
+    """Rewards are computed in the same operation order as gymnasium's (bit-identical with the
+    numpy used here); the tolerance only absorbs a numpy build that reduces in another order."""
+    np.testing.assert_allclose(reward, ref, rtol=1e-12, atol=1e-12)
+
+
+def random_actions(rng, env, n=None, scale=1.0):
+    n = env.num_envs if n is None else n
+    return (scale * rng.uniform(-1, 1, (n, env.act_dim))).astype(np.float32)
+
+
+def unhealthy_qpos(name: str, qpos: np.ndarray) -> np.ndarray:
+    """A qpos the task's healthy check rejects (z or pole angle out of range)."""
+    q = qpos.copy()
+    if name == "InvertedPendulum":
+        q[1] = 0.5
+    elif name in ("Hopper", "Walker2d"):
+        q[1] = 0.1
+    else:
+        q[2] = 3.0
+    return q
+
+
+# ---- make ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ENV_NAMES)
+def test_make_names_and_ids(name):
+    env = make(name, num_envs=3)
+    assert isinstance(env, gymnasium.vector.VectorEnv)
+    assert env.name == name and env.num_envs == 3
+    assert env.single_observation_space.shape == (OBS_DIMS[name],)
+    assert env.observation_space.shape == (3, OBS_DIMS[name])
+    by_id = make(ENV_IDS[ENV_NAMES.index(name)], num_envs=2)
+    assert by_id.name == name and by_id.obs_dim == OBS_DIMS[name]
+    if name in FULL_OBS_DIMS:
+        assert make(name, full_obs=True).obs_dim == FULL_OBS_DIMS[name]
+        assert make(name, include_cfrc_ext_in_observation=True).obs_dim > OBS_DIMS[name]
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (3, OBS_DIMS[name]) and obs.dtype == np.float64
+
+
+def test_make_errors():
+    with pytest.raises(ValueError, match="HalfCheetah.*Humanoid-v5"):
+        make("Cheetah")
+    with pytest.raises(ValueError, match="unknown environment"):
+        make("HalfCheetah-v4")
+    with pytest.raises(ValueError, match="num_envs"):
+        make("Hopper", num_envs=0)
+    with pytest.raises(ValueError, match="kwargs: not_a_kwarg"):
+        make("Hopper", not_a_kwarg=1)
+    with pytest.raises(ValueError, match="max_episode_steps"):
+        make("Hopper", max_episode_steps=0)
+    with pytest.raises(ValueError, match="physics"):
+        make("Hopper", physics="gpu")
+    env = make("Hopper", num_envs=2)
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(np.zeros((2, 3)))
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"actions: expected shape \(2, 3\)"):
+        env.step(np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="actions: expected a float"):
+        env.step(np.zeros((2, 3), dtype=np.int64))
+    with pytest.raises(ValueError, match=r"qpos: expected shape \(1, 6\)"):
+        env.set_state(np.zeros((1, 5)), np.zeros((1, 6)), env_ids=[1])
+    with pytest.raises(ValueError, match="env_ids"):
+        env.set_state(np.zeros((1, 6)), np.zeros((1, 6)), env_ids=[2])
+    with pytest.raises(ValueError, match="states"):
+        dynamics_jacobians(env, np.zeros((2, 3)), states=np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="actions"):
+        dynamics_jacobians(env, np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="unknown environment"):
+        termination_fn("Pendulum")
+
+
+# ---- equality with gymnasium -------------------------------------------------------------------
+@pytest.mark.parametrize("physics", PHYSICS)
+@pytest.mark.parametrize("name,full_obs", CASES)
+def test_step_matches_gymnasium(name, full_obs, physics):
+    """obs, reward, terminated, truncated and the autoreset observations equal gymnasium's, bit
+    for bit, over episodes that end by termination and by the time limit."""
+    n, seed = 3, 5
+    env = make(name, n, seed=seed, full_obs=full_obs, max_episode_steps=25, physics=physics)
+    refs = gym_envs(env, n)
+    obs, _ = env.reset()
+    np.testing.assert_array_equal(obs, np.stack([r.reset(seed=seed + i)[0] for i, r in enumerate(refs)]))
+    rng = np.random.default_rng(0)
+    ends = {"terminated": 0, "truncated": 0}
+    for _ in range(60):
+        a = random_actions(rng, env)
+        a[0] *= 0.05  # env 0 acts gently and reaches the time limit
+        obs, reward, terminated, truncated, info = env.step(a)
+        for i, ref in enumerate(refs):
+            r_obs, r_reward, r_term, r_trunc, _ = ref.step(a[i])
+            np.testing.assert_array_equal(info["next_obs"][i], r_obs)
+            assert_reward_equal(reward[i], r_reward)
+            assert (terminated[i], truncated[i]) == (r_term, r_trunc)
+            if r_term or r_trunc:
+                ends["terminated"] += r_term
+                ends["truncated"] += r_trunc
+                np.testing.assert_array_equal(info["final_obs"][i], r_obs)
+                r_obs, _ = ref.reset()
+            np.testing.assert_array_equal(obs[i], r_obs)
+    assert ends["truncated"] > 0
+    if name in ("InvertedPendulum", "Hopper", "Walker2d", "Humanoid"):
+        assert ends["terminated"] > 0
+
+
+@pytest.mark.parametrize("name,full_obs", CASES)
+def test_set_state_matches_gymnasium(name, full_obs):
+    """set_state then step equals gymnasium's set_state then step, also into unhealthy states;
+    get_state rows are MuJoCo's mjSTATE_INTEGRATION states."""
+    n = 2
+    env = make(name, n, seed=1, full_obs=full_obs)
+    refs = gym_envs(env, n)
+    env.reset()
+    for i, ref in enumerate(refs):
+        ref.reset(seed=1 + i)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        a = random_actions(rng, env, scale=0.3)
+        env.step(a)
+        for i, ref in enumerate(refs):
+            ref.step(a[i])
+    raw = [ref.unwrapped for ref in refs]
+    for i, r in enumerate(raw):
+        row = np.empty(mujoco.mj_stateSize(r.model, env.state_spec))
+        mujoco.mj_getState(r.model, r.data, row, env.state_spec)
+        np.testing.assert_array_equal(env.get_state()[i], row)
+    qpos = np.stack([r.data.qpos for r in raw])
+    qvel = np.stack([r.data.qvel for r in raw]) * 1.5
+    qpos[1] = unhealthy_qpos(name, qpos[1])
+    new_obs = env.set_state(qpos, qvel)
+    for i, r in enumerate(raw):
+        r.set_state(qpos[i], qvel[i])
+        np.testing.assert_array_equal(new_obs[i], r._get_obs())
+    np.testing.assert_array_equal(env.obs, new_obs)
+    a = random_actions(rng, env, scale=0.3)
+    _, reward, terminated, _, info = env.step(a)
+    for i, ref in enumerate(refs):
+        r_obs, r_reward, r_term, _, _ = ref.step(a[i])
+        np.testing.assert_array_equal(info["next_obs"][i], r_obs)
+        assert_reward_equal(reward[i], r_reward)
+        assert terminated[i] == r_term
+    if name in TERMINATING:
+        assert terminated[1]
+
+
+def test_set_state_subset_keeps_others():
+    env = make("Hopper", 3, seed=0)
+    obs, _ = env.reset()
+    qpos, qvel = env.qpos, env.qvel
+    new = env.set_state(qpos[1:2] + 0.01, qvel[1:2], env_ids=[1])
+    np.testing.assert_array_equal(env.obs[[0, 2]], obs[[0, 2]])
+    np.testing.assert_array_equal(env.obs[1], new[0])
+    np.testing.assert_array_equal(env.qpos[1], qpos[1] + 0.01)
+
+
+# ---- autoreset and seeding ---------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["HalfCheetah", "InvertedPendulum"])
+def test_autoreset_returns_true_final_obs(name):
+    n = 4
+    env = make(name, n, seed=2, max_episode_steps=8)
+    assert str(env.metadata["autoreset_mode"]) in ("AutoresetMode.SAME_STEP", "SameStep")
+    env.reset()
+    rng = np.random.default_rng(2)
+    finished = 0
+    for _ in range(16):
+        before = env.obs
+        a = random_actions(rng, env)
+        tr = env.step_transition(a)
+        np.testing.assert_array_equal(tr.obs, before)
+        np.testing.assert_array_equal(tr.action, a)
+        done = tr.terminated | tr.truncated
+        now = env.obs
+        np.testing.assert_array_equal(now[~done], tr.next_obs[~done])
+        for i in np.flatnonzero(done):
+            finished += 1
+            # the transition keeps the reached observation; the env continues from a reset one
+            assert not np.array_equal(tr.next_obs[i], now[i])
+    assert finished >= n
+    ref = gymnasium.make(env.task.env_id, max_episode_steps=8)
+    ref.reset(seed=2)
+    env2 = make(name, 1, seed=2, max_episode_steps=8)
+    env2.reset()
+    rng = np.random.default_rng(3)
+    for _ in range(12):
+        a = random_actions(rng, env2)
+        obs, _, term, trunc, info = env2.step(a)
+        r_obs, _, r_term, r_trunc, _ = ref.step(a[0])
+        np.testing.assert_array_equal(info["next_obs"][0], r_obs)
+        if r_term or r_trunc:
+            assert info["_final_obs"][0] and info["_episode"][0]
+            np.testing.assert_array_equal(info["final_obs"][0], r_obs)
+            assert info["episode"]["l"][0] >= 1
+            r_obs, _ = ref.reset()
+        np.testing.assert_array_equal(obs[0], r_obs)
+
+
+def test_seeding_is_reproducible():
+    def rollout(seed, reset_seed=None):
+        env = make("Walker2d", 3, seed=seed)
+        obs, _ = env.reset(seed=reset_seed)
+        rng = np.random.default_rng(0)
+        out = [obs]
+        for _ in range(40):
+            out.append(env.step(random_actions(rng, env))[0])
+        return np.stack(out)
+
+    a, b = rollout(7), rollout(7)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, rollout(None, reset_seed=7))
+    assert not np.array_equal(a[0], rollout(8)[0])
+    env = make("Walker2d", 3)
+    o1, _ = env.reset(seed=[4, 5, 6])
+    o2, _ = make("Walker2d", 3, seed=4).reset()
+    np.testing.assert_array_equal(o1, o2)
+    o3, _ = env.reset(seed=4)
+    np.testing.assert_array_equal(o3, o2)
+    env.reset(options={"reset_mask": np.array([False, True, False])})
+
+
+# ---- termination functions ---------------------------------------------------------------------
+@pytest.mark.parametrize("name", ENV_NAMES)
+def test_termination_fn_matches_env(name):
+    """On transitions of real rollouts (random actions, and states pushed out of the healthy
+    range), the torch termination function equals the env's ``terminated`` exactly."""
+    n = 16
+    env = make(name, n, seed=0)
+    fn = termination_fn(name)
+    env.reset()
+    rng = np.random.default_rng(0)
+    obs, next_obs, acts, terms = [], [], [], []
+    for t in range(120):
+        if t % 30 == 29:  # push half the envs out of the healthy range
+            qpos = env.qpos
+            for i in range(0, n, 2):
+                qpos[i] = unhealthy_qpos(name, qpos[i])
+            env.set_state(qpos, env.qvel)
+        a = random_actions(rng, env)
+        tr = env.step_transition(a)
+        obs.append(tr.obs), next_obs.append(tr.next_obs), acts.append(a), terms.append(tr.terminated)
+    obs, next_obs, acts, terms = (np.concatenate(x) for x in (obs, next_obs, acts, terms))
+    pred = fn(torch.from_numpy(obs), torch.from_numpy(acts), torch.from_numpy(next_obs))
+    assert pred.dtype == torch.bool and pred.shape == (obs.shape[0],)
+    np.testing.assert_array_equal(pred.numpy(), terms)
+    if name in TERMINATING:
+        assert 0 < terms.sum() < terms.size
+    pred32 = fn(torch.from_numpy(obs).float(), torch.from_numpy(acts), torch.from_numpy(next_obs).float())
+    mismatch = (pred32.numpy() != terms).mean()
+    assert mismatch < 0.01  # float32 rounding can flip a state exactly at a range boundary
+    # any leading batch shape
+    pred3 = fn(torch.from_numpy(obs[:24]).view(4, 6, -1), torch.from_numpy(acts[:24]).view(4, 6, -1),
+               torch.from_numpy(next_obs[:24]).view(4, 6, -1))
+    np.testing.assert_array_equal(pred3.reshape(-1).numpy(), terms[:24])
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("Hopper", {"terminate_when_unhealthy": False}),
+    ("Walker2d", {"healthy_z_range": (0.5, 2.5)}),
+    ("Hopper", {"exclude_current_positions_from_observation": False}),
+    ("Ant", {"exclude_current_positions_from_observation": False, "healthy_z_range": (0.3, 0.9)}),
+    ("Humanoid", {"full_obs": True}),
+])
+def test_termination_fn_follows_kwargs(name, kwargs):
+    n = 8
+    env = make(name, n, seed=1, **kwargs)
+    fn = termination_fn(name, **kwargs)
+    env.reset()
+    rng = np.random.default_rng(1)
+    for t in range(60):
+        if t % 20 == 19:
+            qpos = env.qpos
+            for i in range(0, n, 2):
+                qpos[i] = unhealthy_qpos(name, qpos[i])
+            env.set_state(qpos, env.qvel)
+        a = random_actions(rng, env)
+        tr = env.step_transition(a)
+        pred = fn(torch.from_numpy(tr.obs), torch.from_numpy(a), torch.from_numpy(tr.next_obs))
+        np.testing.assert_array_equal(pred.numpy(), tr.terminated)
+
+
+@pytest.mark.cuda
+def test_termination_fn_cuda():
+    fn = termination_fn("Hopper")
+    next_obs = torch.randn(1000, 11, device="cuda")
+    next_obs[:, 0] += 1.2
+    out = fn(next_obs, torch.zeros(1000, 3, device="cuda"), next_obs)
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out.cpu(), fn(next_obs.cpu(), torch.zeros(1000, 3), next_obs.cpu()))
+
+
+# ---- Jacobians ---------------------------------------------------------------------------------
+def gym_step_fd(ref, state, action, kind, index, eps):
+    """Central differences of gymnasium's env.step from full state ``state``, columns as in
+    dynamics_jacobians: the qpos/qvel entry each obs entry reads, then the action entries."""
+    model, data, spec = ref.model, ref.data, mujoco.mjtState.mjSTATE_INTEGRATION
+
+    def f(row, a):
+        mujoco.mj_setState(model, data, row, spec)
+        return ref.step(a)[0]
+
+    qpos_at = mujoco.mj_stateSize(model, mujoco.mjtState.mjSTATE_TIME)
+    d_obs = np.zeros((len(kind), len(kind)))
+    for j in np.flatnonzero(kind < 2):
+        at = qpos_at + index[j] + (model.nq if kind[j] == 1 else 0)
+        plus, minus = state.copy(), state.copy()
+        plus[at] += eps
+        minus[at] -= eps
+        d_obs[:, j] = (f(plus, action) - f(minus, action)) / (2 * eps)
+    d_act = np.zeros((len(kind), len(action)))
+    for k in range(len(action)):
+        plus, minus = action.copy(), action.copy()
+        plus[k] += eps
+        minus[k] -= eps
+        d_act[:, k] = (f(state, plus) - f(state, minus)) / (2 * eps)
+    return f(state, action), d_obs, d_act
+
+
+@pytest.mark.parametrize("name,full_obs", CASES)
+def test_jacobians_match_central_differences_of_env_step(name, full_obs):
+    env = make(name, 2, seed=3, full_obs=full_obs)
+    env.reset()
+    rng = np.random.default_rng(3)
+    for _ in range(4):
+        env.step(random_actions(rng, env, scale=0.5))
+    actions = rng.uniform(-0.5, 0.5, (2, env.act_dim))
+    jac = dynamics_jacobians(env, actions, eps=1e-6, max_sims=200)  # small chunks: several launches
+    assert jac.d_obs.shape == (2, env.obs_dim, env.obs_dim)
+    assert jac.d_action.shape == (2, env.obs_dim, env.act_dim)
+    ref = gymnasium.make(env.task.env_id, **env.task.kwargs).unwrapped
+    ref.reset(seed=0)
+    kind, index = env.task.obs_state_index()
+    states = env.get_state()
+    for b in range(2):
+        next_obs, d_obs, d_act = gym_step_fd(ref, states[b], actions[b].copy(), kind, index, 1e-6)
+        np.testing.assert_allclose(jac.next_obs[b], next_obs, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(jac.d_obs[b], d_obs, rtol=1e-7, atol=1e-6)
+        np.testing.assert_allclose(jac.d_action[b], d_act, rtol=1e-7, atol=1e-6)
+    assert not jac.d_obs[:, :, kind == 2].any()
+    # the env itself was not disturbed
+    np.testing.assert_array_equal(env.get_state(), states)
+
+
+def test_jacobians_are_derivatives():
+    """On the smooth InvertedPendulum the Jacobian predicts small finite steps to first order."""
+    env = make("InvertedPendulum", 4, seed=0)
+    env.reset()
+    actions = np.random.default_rng(0).uniform(-0.5, 0.5, (4, 1))
+    jac = dynamics_jacobians(env, actions)
+    states = env.get_state()
+    delta = np.array([1e-4, -2e-4, 1e-4, 3e-4])
+    moved = states.copy()
+    moved[:, 1:5] += delta  # qpos then qvel after the time entry
+    jac2 = dynamics_jacobians(env, actions + 1e-4, states=moved)
+    predicted = jac.next_obs + jac.d_obs @ delta + jac.d_action @ np.full(1, 1e-4)
+    np.testing.assert_allclose(jac2.next_obs, predicted, atol=1e-6)
+    coarse = dynamics_jacobians(env, actions, eps=1e-4)
+    np.testing.assert_allclose(coarse.d_obs, jac.d_obs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not has_batch(), reason="needs mujoco.batch (mujoco>=4.0)")
+@pytest.mark.parametrize("name,full_obs", [("Hopper", False), ("Ant", True)])
+def test_jacobians_loop_physics_matches_batch(name, full_obs):
+    envs = [make(name, 3, seed=1, full_obs=full_obs, physics=p) for p in ("batch", "loop")]
+    actions = np.random.default_rng(0).uniform(-0.5, 0.5, (3, envs[0].act_dim))
+    for env in envs:
+        env.reset()
+        for _ in range(3):
+            env.step(actions)
+    batch, loop = (dynamics_jacobians(env, actions, max_sims=300) for env in envs)
+    for x, y in zip(batch, loop):
+        np.testing.assert_array_equal(x, y)
+
+
+# ---- gymnasium API -----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ENV_NAMES)
+def test_check_env_single(name):
+    env = make_single(name, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_env(env)
+    obs, _ = env.reset(seed=1)
+    ref = gymnasium.make(ENV_IDS[ENV_NAMES.index(name)], **env.unwrapped_vector.task.kwargs)
+    np.testing.assert_array_equal(obs, ref.reset(seed=1)[0])
+    a = env.action_space.sample()
+    out, r_out = env.step(a), ref.step(a)
+    np.testing.assert_array_equal(out[0], r_out[0])
+    assert_reward_equal(out[1], r_out[1])
+    assert out[2:4] == tuple(r_out[2:4])
