@@ -8,7 +8,7 @@ each op (``*_ref``); tests and benchmarks import it from here.
 
 from .linear import ensemble_linear, ensemble_linear_ref
 from .mlp import ensemble_mlp, ensemble_mlp_ref
-from .spectral import spectral_norm, spectral_norm_ref
+from .spectral import spectral_norm, spectral_norm_layers, spectral_norm_ref
 from .jvp import ensemble_mlp_jvp, ensemble_mlp_jvp_ref
 from .knn import fd_targets, fd_targets_ref, knn, knn_ref
 
@@ -16,6 +16,7 @@ __all__ = [
     "ensemble_linear",
     "ensemble_mlp",
     "spectral_norm",
+    "spectral_norm_layers",
     "ensemble_mlp_jvp",
     "knn",
     "fd_targets",
