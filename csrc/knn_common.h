@@ -1,7 +1,9 @@
 // Invariants shared by the CPU and CUDA kernels of fastrp_C::knn.
 //
 // The Python wrapper (fastrp/ops/knn.py) validates arguments first and raises ValueError; these
-// TORCH_CHECKs guard direct calls of torch.ops.fastrp_C.knn.
+// TORCH_CHECKs guard direct calls of torch.ops.fastrp_C.knn. Finiteness is not checked here (it
+// would cost a pass over the data): both kernels return only points at a finite squared distance
+// and pad the remaining slots with dist2 = +inf, idx = -1 (NaN or inf rows).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -11,6 +11,11 @@
 // Centering on c keeps that cancellation small for the selection itself: candidates closer than
 // ~1e-6 * (|q - c|^2 + |p - c|^2) in float32 may be ranked either way, like in any GEMM-based kNN.
 //
+// Non-finite values: a point is a neighbour only when its exact squared distance to the query is
+// finite. NaN and inf tile values never pass the threshold (+inf until the heap is full), and
+// candidates whose recomputed distance is not finite are dropped, so NaN or inf rows are never
+// returned; slots left without a candidate hold +inf and index -1 (as in the CUDA kernel).
+//
 // Extra memory: the centred copies A and B (O((Q + N) d)) and one tile of
 // kQueryBlock x kPointBlock values per thread; the heaps live in the output tensors.
 #include <ATen/ATen.h>
@@ -19,11 +24,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <utility>
 #include <vector>
 
 #include "knn_common.h"
+#include "knn_heap.h"
 
 namespace fastrp {
 namespace {
@@ -44,31 +51,8 @@ struct BoundedHeap {
   T threshold() const { return size < cap ? std::numeric_limits<T>::infinity() : key[0]; }
 
   void insert(T v, int64_t i) {
-    if (size < cap) {
-      int64_t pos = size++;
-      while (pos > 0) {
-        const int64_t parent = (pos - 1) / 2;
-        if (key[parent] >= v) break;
-        key[pos] = key[parent];
-        idx[pos] = idx[parent];
-        pos = parent;
-      }
-      key[pos] = v;
-      idx[pos] = i;
-      return;
-    }
-    int64_t pos = 0;
-    while (true) {
-      int64_t child = 2 * pos + 1;
-      if (child >= size) break;
-      if (child + 1 < size && key[child + 1] > key[child]) ++child;
-      if (key[child] <= v) break;
-      key[pos] = key[child];
-      idx[pos] = idx[child];
-      pos = child;
-    }
-    key[pos] = v;
-    idx[pos] = i;
+    bounded_heap_insert(key, idx, size, cap, v, i);
+    if (size < cap) ++size;
   }
 };
 
@@ -107,22 +91,25 @@ double squared_distance(const T* a, const T* b, int64_t d) {
   return acc;
 }
 
-// Replace the heap's keys by exact distances, sort ascending (ties by index), and mark unused
-// slots (only possible when fewer than k candidates compare below +inf, e.g. NaN rows).
+// Replace the heap's keys by exact distances, drop the candidates whose exact distance is not
+// finite, sort the rest ascending (ties by index), and mark the unused slots with +inf and -1
+// (fewer than k candidates at a finite distance: NaN or inf rows).
 template <typename T>
 void finalize_row(const T* query, const T* points, int64_t d, BoundedHeap<T>& heap,
                   std::vector<std::pair<T, int64_t>>& scratch) {
-  scratch.resize(heap.size);
+  scratch.clear();
   for (int64_t e = 0; e < heap.size; ++e) {
     const int64_t p = heap.idx[e];
-    scratch[e] = {static_cast<T>(squared_distance(query, points + p * d, d)), p};
+    const T dist = static_cast<T>(squared_distance(query, points + p * d, d));
+    if (std::isfinite(dist)) scratch.emplace_back(dist, p);
   }
   std::sort(scratch.begin(), scratch.end());
-  for (int64_t e = 0; e < heap.size; ++e) {
+  const int64_t kept = static_cast<int64_t>(scratch.size());
+  for (int64_t e = 0; e < kept; ++e) {
     heap.key[e] = scratch[e].first;
     heap.idx[e] = scratch[e].second;
   }
-  for (int64_t e = heap.size; e < heap.cap; ++e) {
+  for (int64_t e = kept; e < heap.cap; ++e) {
     heap.key[e] = std::numeric_limits<T>::infinity();
     heap.idx[e] = -1;
   }
@@ -135,7 +122,10 @@ void knn_cpu_impl(const at::Tensor& queries, const at::Tensor& points, int64_t k
   const int64_t N = points.size(0);
   const int64_t d = queries.size(1);
 
-  const at::Tensor center = points.mean(0, /*keepdim=*/true);
+  // A NaN or inf point would make the mean non-finite and poison every tile: centre those
+  // columns on 0 instead (centring only serves precision).
+  const at::Tensor mean = points.mean(0, /*keepdim=*/true);
+  const at::Tensor center = at::where(at::isfinite(mean), mean, at::zeros_like(mean));
   const at::Tensor pc = points - center;
   const at::Tensor qc = queries - center;
   const at::Tensor B = at::cat({pc, (pc * pc).sum(1, /*keepdim=*/true)}, 1).contiguous();

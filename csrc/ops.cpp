@@ -9,7 +9,9 @@
 TORCH_LIBRARY(fastrp_C, m) {
   // Exact squared-Euclidean k nearest neighbours of each query row among the point rows,
   // ascending by distance. exclude[q] >= 0 is a point index skipped for query q; -1 skips
-  // nothing. Returns (dist2[Q, k], idx[Q, k] int64).
+  // nothing. Returns (dist2[Q, k], idx[Q, k] int64). Values are not checked for NaN or inf: a
+  // point is a neighbour only at a finite squared distance, and slots left without one (NaN or
+  // inf rows) hold dist2 = +inf and idx = -1, on every device.
   m.def("knn(Tensor queries, Tensor points, int k, Tensor? exclude) -> (Tensor, Tensor)");
 }
 

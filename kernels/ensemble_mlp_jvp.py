@@ -24,33 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-ACT_CODES = {"silu": 0, "relu": 1, "tanh": 2}
-
-
-@triton.jit
-def _sigmoid(z):
-    return 1.0 / (1.0 + tl.exp(-z))
-
-
-@triton.jit
-def _tanh(z):
-    e = tl.exp(-2.0 * tl.abs(z))
-    r = (1.0 - e) / (1.0 + e)
-    return tl.where(z < 0, -r, r)
-
-
-@triton.jit
-def _act_and_grad(z, ACT: tl.constexpr):
-    """Return ``(act(z), act'(z))`` for ACT 0 = silu, 1 = relu, 2 = tanh."""
-    if ACT == 0:
-        sg = _sigmoid(z)
-        return z * sg, sg * (1.0 + z * (1.0 - sg))
-    elif ACT == 1:
-        pos = z > 0
-        return tl.where(pos, z, 0.0), tl.where(pos, 1.0, 0.0)
-    else:
-        th = _tanh(z)
-        return th, 1.0 - th * th
+from ._activations import ACT_CODES
+from ._activations import act_and_grad as _act_and_grad
+from .ensemble_mlp import device_guard
 
 
 @triton.jit
@@ -133,10 +109,6 @@ def _mlp_jvp_fwd_kernel(
         tl.debug_barrier()
 
 
-def _next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
 def _tiles(device: torch.device, group: int, dmax: int, batch: int) -> Tuple[int, int, int, int]:
     """(BLOCK_B, BLOCK_N, BLOCK_K, num_warps) for a launch.
 
@@ -147,12 +119,12 @@ def _tiles(device: torch.device, group: int, dmax: int, batch: int) -> Tuple[int
     if device.type == "cuda":
         rows = 64 if group <= 64 else group
         block_b = max(1, rows // group)
-        block_b = min(block_b, max(1, _next_pow2(batch)))
+        block_b = min(block_b, max(1, triton.next_power_of_2(batch)))
         while block_b * group < 16:
             block_b *= 2
         return block_b, 64, 32, 4
-    width = min(max(16, _next_pow2(dmax)), 256)
-    block_b = max(1, min(_next_pow2(batch), max(1, 512 // group)))
+    width = min(max(16, triton.next_power_of_2(dmax)), 256)
+    block_b = max(1, min(triton.next_power_of_2(batch), max(1, 512 // group)))
     while block_b * group < 16:
         block_b *= 2
     return block_b, width, width, 1
@@ -170,7 +142,7 @@ def mlp_jvp_forward(
 
     Inputs are assumed validated by :func:`fastrp.ops.jvp.ensemble_mlp_jvp` (same dtype and
     device, chained widths, ``len(biases) == len(scales) == len(weights)``); they are made
-    contiguous here. One kernel launch for the whole MLP.
+    contiguous here. One kernel launch for the whole MLP, under the tensors' CUDA device.
     """
     E, B, _ = x.shape
     K = tangents.shape[2]
@@ -187,18 +159,19 @@ def mlp_jvp_forward(
     hidden = dims[1:-1]
     dmax = max(hidden) if hidden else 1
     scratch = x.new_empty((2, E, B, K + 1, dmax)) if hidden else x.new_empty((1,))
-    group = _next_pow2(K + 1)
+    group = triton.next_power_of_2(K + 1)
     block_b, block_n, block_k, num_warps = _tiles(x.device, group, max(dims), B)
     grid = (triton.cdiv(B, block_b), E)
-    _mlp_jvp_fwd_kernel[grid](
-        x, tangents, y, jy, scratch,
-        tuple(ws), tuple(bs), tuple(ss), tuple(dims),
-        B, K, dmax,
-        NUM_LAYERS=len(ws),
-        BIAS_MASK=sum(1 << i for i, bb in enumerate(biases) if bb is not None),
-        SCALE_MASK=sum(1 << i for i, sc in enumerate(scales) if sc is not None),
-        ACT=ACT_CODES[activation],
-        BLOCK_B=block_b, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps,
-    )
+    with device_guard(x.device):
+        _mlp_jvp_fwd_kernel[grid](
+            x, tangents, y, jy, scratch,
+            tuple(ws), tuple(bs), tuple(ss), tuple(dims),
+            B, K, dmax,
+            NUM_LAYERS=len(ws),
+            BIAS_MASK=sum(1 << i for i, bb in enumerate(biases) if bb is not None),
+            SCALE_MASK=sum(1 << i for i, sc in enumerate(scales) if sc is not None),
+            ACT=ACT_CODES[activation],
+            BLOCK_B=block_b, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=num_warps,
+        )
     return y, jy

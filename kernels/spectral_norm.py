@@ -22,12 +22,13 @@ number of layers compiles its own kernel.
 
 from __future__ import annotations
 
-import contextlib
 from typing import List, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .ensemble_mlp import device_guard
 
 # Elements of one weight tile held in registers by a program. The interpreter runs each tile as
 # a handful of numpy calls, so larger tiles make it faster; on the GPU 4096 fp32 values fit the
@@ -77,6 +78,8 @@ def _power_iteration_member(
         u = tl.zeros([BLOCK_O], dtype=dtype)
     for _ in range(n_iter):
         s = _weight_t_times(w_ptr, v_ptr, n_in, n_out, offs_o, mask_o, BLOCK_I, BLOCK_O)
+        # every thread has read v before the loop below overwrites it
+        tl.debug_barrier()
         u = s / tl.maximum(tl.sqrt(tl.sum(s * s, axis=0)), eps)
         # t = W^T u, written unnormalized into v, then rescaled once its norm is known.
         sq = tl.zeros([BLOCK_I], dtype=dtype)
@@ -157,7 +160,7 @@ def spectral_norm_layers_fwd(
     if ensemble > 0:
         block_i, block_o = _tile_sizes(max(ins), max(outs), weights[0].device)
         device = weights[0].device
-        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        with device_guard(device):
             _spectral_norm_layers_kernel[(ensemble, num_layers)](
                 weights, vs_in, us_in, sigmas, us_out, vs_out,
                 ins, outs, int(n_power_iterations), float(eps),

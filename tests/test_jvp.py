@@ -3,19 +3,11 @@
 import pytest
 import torch
 
-from fastrp.ops._common import triton_usable
-from fastrp.ops.jvp import _jvp_op, ensemble_mlp_jvp, ensemble_mlp_jvp_ref
+from fastrp.ops.jvp import _jvp_backward_op, _jvp_op, ensemble_mlp_jvp, ensemble_mlp_jvp_ref
 
-from utils import assert_close_to_ref
+from utils import assert_close_to_ref, needs_triton
 
 ACTS = ("silu", "relu", "tanh")
-
-
-def _triton_ok(device="cpu"):
-    return triton_usable(torch.device(device))
-
-
-needs_triton = pytest.mark.skipif(not _triton_ok(), reason="triton (interpreter) not usable")
 
 
 def make_problem(E, B, K, dims, bias="all", scale="none", dtype=torch.float32, device="cpu", seed=0):
@@ -225,6 +217,45 @@ def test_opcheck(backend):
     torch.library.opcheck(_jvp_op, _op_args(nograd, "tanh", backend))
 
 
+@pytest.mark.parametrize("need_params", [True, False])
+def test_opcheck_backward_non_contiguous(need_params):
+    """The backward op's fake returns contiguous tensors, like the real op, for strided inputs."""
+    x, t, weights, biases, scales = make_problem(2, 3, 2, [3, 5, 2], "some", "all", seed=3)
+    xs = x.transpose(0, 1).contiguous().transpose(0, 1)
+    ts = t.transpose(2, 3).contiguous().transpose(2, 3)
+    ws = [w.transpose(1, 2).contiguous().transpose(1, 2) for w in weights]
+    assert not (xs.is_contiguous() or ts.is_contiguous() or ws[0].is_contiguous())
+    bs = [b for b in biases if b is not None]
+    args = (torch.randn(2, 3, 2), torch.randn(2, 3, 2, 2), xs, ts, ws, bs, list(scales),
+            [b is not None for b in biases], [True, True], "silu", need_params)
+    torch.library.opcheck(_jvp_backward_op, args)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_frozen_parameters_skip_weight_gradients(monkeypatch, backend):
+    import fastrp.ops.jvp as jvp_mod
+
+    flags = []
+    real = jvp_mod._backward_torch
+
+    def spy(*args):
+        flags.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(jvp_mod, "_backward_torch", spy)
+    x, t, weights, biases, scales = make_problem(2, 4, 3, [3, 6, 2], "all", "all", seed=7)
+    x.requires_grad_(True)
+    t.requires_grad_(True)
+    y, jy = ensemble_mlp_jvp(x, t, weights, biases, scales, "tanh", backend=backend)
+    gx, gt = torch.autograd.grad(y.sum() + jy.square().sum(), (x, t))
+    assert flags == [False]
+    xr, tr = x.detach().requires_grad_(True), t.detach().requires_grad_(True)
+    yr, jyr = ensemble_mlp_jvp_ref(xr, tr, weights, biases, scales, "tanh")
+    gxr, gtr = torch.autograd.grad(yr.sum() + jyr.square().sum(), (xr, tr))
+    torch.testing.assert_close(gx, gxr, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gt, gtr, rtol=1e-4, atol=1e-5)
+
+
 def test_torch_compile_fullgraph():
     problem = make_problem(2, 5, 3, [3, 8, 8, 2], "some", "all", seed=5)
     cot = cast((torch.randn(2, 5, 2), torch.randn(2, 5, 3, 2)), torch.float32)
@@ -315,7 +346,7 @@ BAD_CASES = [
      r"weights\[0\] must have dtype"),
     ("weights-empty", lambda: _bad(weights=[], biases=[], scales=[]), r"weights must be a non-empty list"),
     ("weights-tensor", lambda: _bad(weights=torch.randn(2, 5, 6)), r"weights must be a non-empty list"),
-    ("biases-length", lambda: _bad(biases=[None]), r"biases must be a list of 2 entries"),
+    ("biases-length", lambda: _bad(biases=[None]), r"biases must be None or a list of 2 entries"),
     ("scales-length", lambda: _bad(scales=[None, None, None]), r"scales must be None or a list of 2"),
     ("bias-shape", lambda: _bad(biases=[torch.randn(2, 5), None]), r"biases\[0\] must have shape \[2, 6\]"),
     ("scale-shape", lambda: _bad(scales=[torch.randn(2, 1), None]), r"scales\[0\] must have shape \[2\]"),

@@ -1,6 +1,7 @@
 """Tests of fastrp.ops.knn / fd_targets: every backend against the chunked torch reference and an
-independent float64 brute force, tie-safe checks, exclusion, validation, opcheck, torch.compile,
-the memory bound, and CUDA parity (marked ``cuda``)."""
+independent float64 brute force, tie-safe checks, exclusion, validation (including NaN/inf and
+the single host read of the value checks), the kernels' shared behaviour on non-finite rows,
+opcheck, torch.compile, the memory bound, and CUDA parity (marked ``cuda``)."""
 
 import os
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from fastrp import _ext
-from fastrp.ops.knn import fd_targets, fd_targets_ref, knn, knn_ref
+from fastrp.ops.knn import _knn_dispatch, fd_targets, fd_targets_ref, knn, knn_ref
 from utils import assert_close_to_ref
 
 needs_ext = pytest.mark.skipif(not _ext.has_ext(), reason="compiled extension fastrp._C not available")
@@ -259,6 +260,8 @@ def _bad_fd_cases():
         ((x, y, qi, 2, torch.ones(2)), r"scale must have shape \[3\]"),
         ((x, y, qi, 2, torch.tensor([1.0, 0.0, 1.0])), "scale entries must be positive"),
         ((x, y, qi, 2, torch.ones(3, dtype=torch.float64)), "scale must have dtype torch.float32"),
+        ((x, y, qi, 2, torch.tensor([1.0, float("inf"), 1.0])), "scale entries must be positive and finite"),
+        ((x, y, qi, 2, torch.tensor([1.0, float("nan"), 1.0])), "scale entries must be positive and finite"),
     ]
 
 
@@ -268,6 +271,135 @@ def test_fd_targets_bad_inputs(args, match):
         fd_targets(*args)
     with pytest.raises(ValueError, match=match):
         fd_targets_ref(*args)
+
+
+NON_FINITE = [float("nan"), float("inf"), float("-inf")]
+
+
+@pytest.mark.parametrize("value", NON_FINITE, ids=str)
+@pytest.mark.parametrize("name", ["queries", "points"])
+def test_knn_rejects_non_finite(name, value):
+    args = {"queries": torch.randn(4, 3), "points": torch.randn(10, 3)}
+    args[name][2, 1] = value
+    for fn in (knn, knn_ref):
+        with pytest.raises(ValueError, match=f"{name} must be finite"):
+            fn(args["queries"], args["points"], 2)
+        with pytest.raises(ValueError, match=f"{name} must be finite"):
+            fn(args["queries"], args["points"], 2, torch.tensor([0, -1, 3, 9]))
+
+
+@pytest.mark.parametrize("value", NON_FINITE, ids=str)
+def test_fd_targets_rejects_non_finite_inputs(value):
+    inputs, outputs, query_idx = _fd_data(n=40, q=5)
+    inputs[7, 2] = value
+    for fn in (fd_targets, fd_targets_ref):
+        with pytest.raises(ValueError, match="inputs must be finite"):
+            fn(inputs, outputs, query_idx, 3)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fd_targets_accepts_non_finite_outputs(backend):
+    """outputs take no part in the search: the neighbours are unchanged and only the deltas that
+    use the non-finite row are non-finite."""
+    inputs, outputs, query_idx = _fd_data(n=60, q=9)
+    query_idx[2] = 5
+    bad = outputs.clone()
+    bad[5, 1] = float("nan")
+    bad[11, 0] = float("inf")
+    directions, deltas, idx = fd_targets(inputs, bad, query_idx, 4, backend=backend)
+    want = fd_targets(inputs, outputs, query_idx, 4, backend=backend)
+    assert torch.equal(idx, want[2]) and torch.equal(directions, want[0])
+    torch.testing.assert_close(deltas, bad[idx] - bad[query_idx, None], equal_nan=True)
+    uses_bad = (idx == 5) | (idx == 11) | (query_idx[:, None] == 5) | (query_idx[:, None] == 11)
+    assert bool(torch.isfinite(deltas[~uses_bad]).all())
+    assert not bool(torch.isfinite(deltas[uses_bad]).all(-1).any())
+
+
+class _HostReads:
+    """Counts the ways a tensor value reaches Python (each one a device sync on CUDA)."""
+
+    NAMES = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__")
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        for name in self.NAMES:
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(name, getattr(torch.Tensor, name)))
+
+    def _wrap(self, name, fn):
+        def wrapper(t, *args, **kwargs):
+            self.calls.append(name)
+            return fn(t, *args, **kwargs)
+
+        return wrapper
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_value_checks_read_the_host_once(backend, monkeypatch):
+    inputs, outputs, query_idx = _fd_data(n=80, q=9)
+    scale = torch.rand(inputs.shape[1]) + 0.5
+    x = inputs[query_idx]
+    reads = _HostReads(monkeypatch)
+    knn(x, inputs, 3, backend=backend)
+    assert reads.calls == ["tolist"]
+    reads.calls.clear()
+    knn(x, inputs, 3, query_idx, backend=backend)
+    assert reads.calls == ["tolist"]
+    reads.calls.clear()
+    fd_targets(inputs, outputs, query_idx, 3, scale, backend=backend)
+    assert reads.calls == ["tolist"]
+
+
+def _non_finite_case(dtype, device):
+    """Points 1 and 4 hold NaN, point 6 an inf: only 5 points are at a finite distance. Query 1
+    holds a NaN and query 2 an inf: they have no neighbour at all."""
+    points = torch.randn(8, 3, dtype=dtype)
+    points[1, 0] = float("nan")
+    points[4, 2] = float("nan")
+    points[6, 1] = float("inf")
+    queries = torch.randn(4, 3, dtype=dtype)
+    queries[1, 2] = float("nan")
+    queries[2, 0] = float("-inf")
+    return queries.to(device), points.to(device)
+
+
+KERNEL_BACKENDS = CPU_BACKENDS + [pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda_ext])]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernels_agree_on_non_finite_rows(backend, dtype):
+    """Without the Python checks (direct op calls, torch.compile) every backend returns only points
+    at a finite distance and pads with (+inf, -1)."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    queries, points = _non_finite_case(dtype, device)
+    finite_rows = torch.tensor([0, 2, 3, 5, 7])
+    for k, exclude in ((3, None), (7, None), (7, torch.tensor([0, -1, 5, 3])), (8, None)):
+        ex = None if exclude is None else exclude.to(device)
+        dist2, idx = _knn_dispatch(queries, points, k, ex, backend)
+        dist2, idx = dist2.cpu(), idx.cpu()
+        assert dist2.dtype == dtype and idx.dtype == torch.int64 and dist2.shape == idx.shape == (4, k)
+        for q in (1, 2):
+            assert idx[q].tolist() == [-1] * k and bool(torch.isinf(dist2[q]).all() & (dist2[q] > 0).all())
+        for q in (0, 3):
+            candidates = finite_rows
+            if exclude is not None:
+                candidates = candidates[candidates != exclude[q]]
+            want = ((queries[q].cpu()[None] - points.cpu()[candidates]) ** 2).sum(-1).sort().values[:k]
+            found = min(k, len(candidates))
+            assert set(idx[q, :found].tolist()) <= set(candidates.tolist())
+            assert idx[q, found:].tolist() == [-1] * (k - found)
+            assert bool(torch.isinf(dist2[q, found:]).all())
+            torch.testing.assert_close(dist2[q, :found], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_torch_compile_skips_value_checks(backend):
+    queries, points = _non_finite_case(torch.float32, "cpu")
+    compiled = torch.compile(lambda q, p: knn(q, p, 7, backend=backend), fullgraph=True, backend="aot_eager")
+    dist2, idx = compiled(queries, points)
+    want = _knn_dispatch(queries, points, 7, None, backend)
+    torch.testing.assert_close(dist2, want[0])
+    assert torch.equal(idx, want[1]) and idx[1].tolist() == [-1] * 7
 
 
 @needs_ext

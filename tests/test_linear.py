@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastrp.ops.linear import ensemble_linear, ensemble_linear_ref
-from utils import assert_close_to_ref
+from utils import assert_close_to_ref, backends, needs_triton
 
 
 def make_inputs(E, B, d_in, d_out, bias=True, scale=True, dtype=torch.float32):
@@ -57,6 +57,7 @@ def test_torch_backend_matches_reference(E, B, d_in, d_out, bias, scale):
     check_against_ref("torch", *make_inputs(E, B, d_in, d_out, bias, scale))
 
 
+@needs_triton
 @pytest.mark.parametrize("E,B,d_in,d_out,bias,scale", TRITON_CASES)
 def test_triton_backend_matches_reference(E, B, d_in, d_out, bias, scale):
     check_against_ref("triton", *make_inputs(E, B, d_in, d_out, bias, scale))
@@ -69,7 +70,7 @@ def test_reference_formula():
     torch.testing.assert_close(ensemble_linear(x, w, b, s), want)
 
 
-@pytest.mark.parametrize("backend,fast", [("torch", False), ("triton", True)])
+@pytest.mark.parametrize("backend,fast", [("torch", False), pytest.param("triton", True, marks=needs_triton)])
 @pytest.mark.parametrize("bias,scale", [(True, True), (False, True), (True, False)])
 def test_gradcheck(backend, fast, bias, scale):
     x, w, b, s = make_inputs(2, 3, 4, 3, bias, scale, dtype=torch.float64)
@@ -83,7 +84,7 @@ def test_gradcheck(backend, fast, bias, scale):
     assert torch.autograd.gradcheck(f, present, fast_mode=fast)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", backends("torch", "triton"))
 def test_opcheck(impl):
     from fastrp.ops.mlp import _mlp_fwd_op  # noqa: F401  (registers the ops)
 
@@ -132,6 +133,13 @@ def test_bad_inputs():
         ensemble_linear(x, w, b.to("meta"), s)
     with pytest.raises(ValueError, match="backend"):
         ensemble_linear(x, w, b, s, backend="cpp")
+
+
+@pytest.mark.parametrize("backend", backends("torch", "triton"))
+def test_no_members_is_a_value_error(backend):
+    """E = 0 is rejected like ensemble_mlp rejects it (it crashed with ZeroDivisionError)."""
+    with pytest.raises(ValueError, match="at least one member"):
+        ensemble_linear(torch.randn(0, 3, 4), torch.randn(0, 4, 5), backend=backend)
 
 
 @pytest.mark.cuda

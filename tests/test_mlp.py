@@ -6,7 +6,7 @@ import torch
 
 from fastrp.ops._common import resolve_backend
 from fastrp.ops.mlp import ensemble_mlp, ensemble_mlp_ref
-from utils import assert_close_to_ref
+from utils import assert_close_to_ref, backends, needs_triton
 
 
 def make_params(E, dims, dtype=torch.float32, bias="all", scale="some", seed=0):
@@ -97,6 +97,7 @@ TRITON_CASES = [
 ]
 
 
+@needs_triton
 @pytest.mark.parametrize("E,B,dims,activation,bias,scale", TRITON_CASES)
 def test_triton_backend_matches_reference(E, B, dims, activation, bias, scale):
     weights, biases, scales = make_params(E, dims, bias=bias, scale=scale)
@@ -104,6 +105,7 @@ def test_triton_backend_matches_reference(E, B, dims, activation, bias, scale):
     check_against_ref("triton", x, weights, biases, scales, activation)
 
 
+@needs_triton
 def test_triton_matches_torch_backend():
     weights, biases, scales = make_params(3, [6, 9, 4], bias="some", scale="all")
     x = torch.randn(3, 11, 6)
@@ -131,7 +133,7 @@ def _members(kind, E, B):
     return torch.zeros(B, dtype=torch.int64)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", backends("torch", "triton"))
 @pytest.mark.parametrize("kind,E,B,dims", [
     ("random", 7, 5, [3, 6, 6, 2]),
     ("one", 7, 9, [4, 5, 3]),
@@ -148,26 +150,143 @@ def test_members_matches_reference(backend, kind, E, B, dims):
     assert y.shape == (B, dims[-1])
 
 
-def test_members_unused_member_gets_zero_weight_grad():
+@pytest.mark.parametrize("backend", backends("torch", "triton"))
+def test_members_unused_member_gets_zero_weight_grad(backend):
     weights, biases, scales = make_params(4, [3, 5, 2], bias="all", scale="all")
     leaves = [t.requires_grad_(True) for t in weights + biases + scales]
     members = torch.tensor([0, 2, 2, 0, 2])
-    for backend in ("torch", "triton"):
-        y = ensemble_mlp(torch.randn(5, 3), weights, biases, scales, members=members, backend=backend)
-        grads = torch.autograd.grad(y.square().sum(), leaves)
-        for g in grads:
-            assert g[1].abs().max() == 0 and g[3].abs().max() == 0
-            assert g[0].abs().max() > 0 and g[2].abs().max() > 0
+    y = ensemble_mlp(torch.randn(5, 3), weights, biases, scales, members=members, backend=backend)
+    grads = torch.autograd.grad(y.square().sum(), leaves)
+    for g in grads:
+        assert g[1].abs().max() == 0 and g[3].abs().max() == 0
+        assert g[0].abs().max() > 0 and g[2].abs().max() > 0
 
 
-def test_members_isolated_from_other_members():
+@pytest.mark.parametrize("backend", backends("torch", "triton"))
+def test_members_isolated_from_other_members(backend):
     """A NaN in the weights of a member that no sample uses never reaches the output."""
     weights, biases, _ = make_params(3, [2, 4, 2])
     weights[0][1] = float("nan")
     members = torch.tensor([0, 2, 0, 2])
-    for backend in ("torch", "triton"):
-        y = ensemble_mlp(torch.randn(4, 2), weights, biases, members=members, backend=backend)
-        assert torch.isfinite(y).all()
+    y = ensemble_mlp(torch.randn(4, 2), weights, biases, members=members, backend=backend)
+    assert torch.isfinite(y).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# frozen parameters, inputs without gradient, determinism, tanh accuracy
+
+
+def _spy_backward(monkeypatch, backend):
+    """Record the ``(need_dx, need_params)`` flags of each backward call, and (Triton) count the
+    weight-gradient kernel launches."""
+    import fastrp.ops.mlp as mlp_mod
+
+    calls = {"flags": [], "weight_launches": 0}
+    if backend == "torch":
+        real = mlp_mod._torch_backward
+
+        def spy(*args):
+            calls["flags"].append(args[-2:])
+            return real(*args)
+
+        monkeypatch.setattr(mlp_mod, "_torch_backward", spy)
+    else:
+        from fastrp.kernels import ensemble_mlp as kern
+
+        real_bwd, real_kernel = kern.mlp_backward, kern._mlp_bwd_weight_kernel
+
+        def spy(*args):
+            calls["flags"].append(args[-2:])
+            return real_bwd(*args)
+
+        class Counting:
+            def __getitem__(self, grid):
+                calls["weight_launches"] += 1
+                return real_kernel[grid]
+
+        monkeypatch.setattr(kern, "mlp_backward", spy)
+        monkeypatch.setattr(kern, "_mlp_bwd_weight_kernel", Counting())
+    return calls
+
+
+@pytest.mark.parametrize("backend", backends("torch", "triton"))
+@pytest.mark.parametrize("grouped", [False, True])
+def test_frozen_parameters_skip_weight_gradients(monkeypatch, backend, grouped):
+    E, dims = 3, [4, 6, 2]
+    weights, biases, scales = make_params(E, dims, bias="all", scale="all")
+    members = torch.tensor([2, 0, 2, 1]) if grouped else None
+    x = (torch.randn(4, dims[0]) if grouped else torch.randn(E, 4, dims[0])).requires_grad_(True)
+    calls = _spy_backward(monkeypatch, backend)
+    y = ensemble_mlp(x, weights, biases, scales, "tanh", members=members, backend=backend)
+    g = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, g)
+    assert calls["flags"] == [(True, False)]
+    assert calls["weight_launches"] == 0
+    x_ref = x.detach().requires_grad_(True)
+    (dx_ref,) = torch.autograd.grad(
+        ensemble_mlp_ref(x_ref, weights, biases, scales, "tanh", members=members), x_ref, g)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backends("torch", "triton"))
+def test_input_without_grad_skips_dx(monkeypatch, backend):
+    E, dims = 2, [3, 5, 5, 2]
+    weights, biases, scales = make_params(E, dims, bias="some", scale="some")
+    leaves = [t.requires_grad_(True) for t in weights]
+    x = torch.randn(E, 6, dims[0])
+    calls = _spy_backward(monkeypatch, backend)
+    y = ensemble_mlp(x, weights, biases, scales, backend=backend)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, g)
+    assert calls["flags"] == [(False, True)]
+    want = torch.autograd.grad(ensemble_mlp_ref(x, leaves, biases, scales), leaves, g)
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_triton_weight_gradients_deterministic():
+    weights, biases, scales = make_params(3, [40, 40, 3], bias="all", scale="all")
+    leaves = [t.requires_grad_(True) for t in weights + biases + scales]
+    x = torch.randn(3, 7, 40)
+    runs = []
+    for _ in range(2):
+        y = ensemble_mlp(x, weights, biases, scales, backend="triton")
+        runs.append(torch.autograd.grad(y.square().sum(), leaves))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", backends("torch", "triton"))
+def test_tanh_accurate_near_zero(backend):
+    """Tiny pre-activations keep their relative accuracy (``tanh(z) ≈ z``)."""
+    E, d = 2, 16
+    eye = torch.eye(d).expand(E, d, d).contiguous()
+    x = torch.randn(E, 5, d) * 1e-6
+    y = ensemble_mlp(x, [eye, eye], None, None, "tanh", backend=backend)
+    want = torch.tanh(x.double())
+    rel = ((y.double() - want).abs() / want.abs()).max().item()
+    assert rel < 1e-6, rel
+
+
+def test_row_grid_has_no_axis_limit():
+    """The row kernels use one grid axis (2^31 - 1 programs), not the second one (65535)."""
+    from fastrp.kernels.ensemble_mlp import row_programs
+
+    big = 3_000_000  # rows per member: over 65535 blocks of 32 rows
+    assert row_programs(1, big, 32, grouped=False) == triton_cdiv(big, 32) > 65535
+    assert row_programs(7, 7 * big, 16, grouped=False) == 7 * triton_cdiv(big, 16)
+    assert row_programs(7, 0, 16, grouped=False) == 0
+    # grouped: the bound covers any split of the rows between members
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        counts = torch.randint(0, 50, (7,), generator=g).tolist()
+        need = sum(triton_cdiv(c, 16) for c in counts)
+        assert need <= row_programs(7, sum(counts), 16, grouped=True)
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,17 +315,20 @@ def test_gradcheck_torch_members():
     _gradcheck("torch", members=torch.tensor([1, 1, 0]))
 
 
+@needs_triton
 def test_gradcheck_triton():
     _gradcheck("triton", fast=True)
 
 
+@needs_triton
 def test_gradcheck_triton_members():
     _gradcheck("triton", members=torch.tensor([1, 1, 1]), fast=True)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", backends("torch", "triton"))
 @pytest.mark.parametrize("grouped", [False, True])
-def test_opcheck(impl, grouped):
+@pytest.mark.parametrize("need_dx,need_params", [(True, True), (False, True), (True, False)])
+def test_opcheck(impl, grouped, need_dx, need_params):
     from fastrp.ops.mlp import _mlp_fwd_op  # noqa: F401  (registers the ops)
 
     E, dims = 2, [3, 4, 2]
@@ -217,8 +339,29 @@ def test_opcheck(impl, grouped):
     args = (x, seg, weights, [biases[0]], [0], scales, [0, 1], "tanh", impl)
     torch.library.opcheck(torch.ops.fastrp.ensemble_mlp_fwd.default, args)
     with torch.no_grad():
-        y, z = torch.ops.fastrp.ensemble_mlp_fwd(*args)
-    bwd_args = (torch.randn_like(y), x.detach(), seg, [w.detach() for w in weights], scales, [0, 1], z, "tanh", impl)
+        y, z, wp, sp = torch.ops.fastrp.ensemble_mlp_fwd(*args)
+    bwd_args = (torch.randn_like(y), x.detach(), seg, [w.detach() for w in weights], scales, [0, 1], z, wp, sp,
+                "tanh", impl, need_dx, need_params)
+    torch.library.opcheck(torch.ops.fastrp.ensemble_mlp_bwd.default, bwd_args)
+
+
+@pytest.mark.parametrize("impl", backends("torch", "triton"))
+def test_opcheck_non_contiguous_inputs(impl):
+    """The fake kernels report the (contiguous) strides the real ones return."""
+    from fastrp.ops.mlp import _mlp_fwd_op  # noqa: F401  (registers the ops)
+
+    E, dims = 2, [3, 4, 2]
+    weights, biases, scales = make_params(E, dims, bias="some", scale="all")
+    weights = [w.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True) for w in weights]
+    x = torch.randn(dims[0], E * 2).T.requires_grad_(True)
+    assert not x.is_contiguous() and not weights[0].is_contiguous()
+    args = (x, None, weights, [biases[0]], [0], scales, [0, 1], "silu", impl)
+    torch.library.opcheck(torch.ops.fastrp.ensemble_mlp_fwd.default, args)
+    with torch.no_grad():
+        y, z, wp, sp = torch.ops.fastrp.ensemble_mlp_fwd(*args)
+    gy = torch.randn(y.shape[1], y.shape[0]).T
+    bwd_args = (gy, x.detach(), None, [w.detach() for w in weights], scales, [0, 1], z, wp, sp, "silu", impl,
+                True, True)
     torch.library.opcheck(torch.ops.fastrp.ensemble_mlp_bwd.default, bwd_args)
 
 
@@ -261,17 +404,19 @@ def test_bad_inputs():
         ensemble_mlp(x, [w[0], torch.randn(2, 5, 2)], b, s)  # widths chain
     with pytest.raises(ValueError, match=r"weights\[1\]"):
         ensemble_mlp(x, [w[0], torch.randn(3, 4, 2)], b, s)  # E mismatch across layers
-    with pytest.raises(ValueError, match="biases must have 2 entries"):
+    with pytest.raises(ValueError, match="biases must be None or a list of 2 entries"):
         ensemble_mlp(x, w, b[:1], s)
-    with pytest.raises(ValueError, match="scales must have 2 entries"):
+    with pytest.raises(ValueError, match="scales must be None or a list of 2 entries"):
         ensemble_mlp(x, w, b, s + [None])
+    with pytest.raises(ValueError, match="at least one member"):
+        ensemble_mlp(torch.randn(0, 5, 3), [torch.randn(0, 3, 2)], None)
     with pytest.raises(ValueError, match=r"biases\[0\] must have shape"):
         ensemble_mlp(x, w, [torch.randn(2, 5), b[1]], s)
     with pytest.raises(ValueError, match=r"scales\[1\] must have shape"):
         ensemble_mlp(x, w, b, [s[0], torch.rand(3)])
     with pytest.raises(ValueError, match="x must have dtype"):
         ensemble_mlp(x.half(), w, b, s)
-    with pytest.raises(ValueError, match=r"weights\[0\] must have the same dtype"):
+    with pytest.raises(ValueError, match=r"weights\[0\] must have dtype"):
         ensemble_mlp(x, [w[0].double(), w[1]], b, s)
     with pytest.raises(ValueError, match=r"biases\[1\] must have dtype"):
         ensemble_mlp(x, w, [b[0], b[1].double()], s)
@@ -300,6 +445,22 @@ def test_bad_members():
         ensemble_mlp(x2, w, b, s, members=torch.tensor([0, 1, 1]))
     with pytest.raises(ValueError, match="x must be a 2-d tensor"):
         ensemble_mlp(x, w, b, s, members=torch.tensor([0, 1, 1, 0, 0]))
+
+
+def test_bad_members_under_compile():
+    """Under torch.compile the range check cannot read values back; a device-side assert still
+    rejects out-of-range members instead of returning uninitialised rows."""
+    torch._dynamo.reset()
+    x, w, b, s = _good()
+
+    def f(x, members):
+        return ensemble_mlp(x, w, b, s, members=members, backend="torch")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    good = torch.tensor([0, 1, 1, 0, 0])
+    torch.testing.assert_close(compiled(x[0], good), f(x[0], good))
+    with pytest.raises(RuntimeError, match="members must lie in"):
+        compiled(x[0], torch.tensor([0, 1, 2, 0, 0]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="device mismatch needs a second device")
@@ -377,3 +538,36 @@ def test_cuda_compile_triton():
     got = torch.compile(loss, fullgraph=True)(x, weights)
     want = loss(x, weights)
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("grouped", [False, True])
+def test_cuda_many_rows(grouped):
+    """More than 65535 row blocks (the old grid's axis-1 limit) in the forward and backward."""
+    E, B, dims = 2, 2_200_000, [3, 4, 2]
+    weights, biases, scales = make_params(E, dims, bias="all", scale="all")
+    weights = [w.cuda().requires_grad_(True) for w in weights]
+    biases, scales = [b.cuda() for b in biases], [s.cuda() for s in scales]
+    members = torch.randint(0, E, (B,), device="cuda") if grouped else None
+    x = torch.randn(B, dims[0], device="cuda") if grouped else torch.randn(E, B, dims[0], device="cuda")
+    x.requires_grad_(True)
+    y = ensemble_mlp(x, weights, biases, scales, members=members, backend="triton")
+    grads = torch.autograd.grad(y.sum(), [x] + weights)
+    y_ref = ensemble_mlp(x, weights, biases, scales, members=members, backend="torch")
+    grads_ref = torch.autograd.grad(y_ref.sum(), [x] + weights)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA device")
+def test_cuda_second_device():
+    """Launches run on the tensors' device, not the current one."""
+    weights, biases, scales = make_params(2, [3, 8, 2], bias="all", scale="all")
+    x = torch.randn(2, 5, 3)
+    want = ensemble_mlp(x, weights, biases, scales, backend="torch")
+    dev = torch.device("cuda", 1)
+    got = ensemble_mlp(x.to(dev), [w.to(dev) for w in weights], [b.to(dev) for b in biases],
+                       [s.to(dev) for s in scales], backend="triton")
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastrp.nn import EnsembleMLP
+from utils import needs_triton
 
 ACTS = {"silu": F.silu, "relu": torch.relu, "tanh": torch.tanh}
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -88,6 +89,7 @@ def test_forward_matches_member_loop(E, B, i, h, L, o, act, sn, training):
     torch.testing.assert_close(model(x2), y_ref2, **TOL)
 
 
+@needs_triton
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("sn", ["hidden", "all"])
 def test_forward_triton_matches_member_loop(sn, training):

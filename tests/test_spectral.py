@@ -10,7 +10,7 @@ from torch import nn
 
 from fastrp.ops.linear import ensemble_linear
 from fastrp.ops.spectral import spectral_norm, spectral_norm_layers, spectral_norm_ref
-from utils import assert_close_to_ref
+from utils import assert_close_to_ref, backends, needs_triton
 
 WIDTHS = (1, 5, 200, 257)
 ALL_SHAPES = [(E, i, o) for E in (1, 7) for i, o in itertools.product(WIDTHS, WIDTHS)]
@@ -51,7 +51,7 @@ def _torch_forward_state(lin: nn.Module):
 # ----------------------------------------------------------------------------------------------
 # forward against torch's parametrization
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", backends("torch", "triton"))
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("i,o", [(1, 1), (5, 200), (257, 5), (200, 257)])
 def test_matches_torch_parametrization_single(backend, n, i, o):
@@ -66,7 +66,7 @@ def test_matches_torch_parametrization_single(backend, n, i, o):
     torch.testing.assert_close(weight[0].T / sigma[0], w_sn.detach())
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", backends("torch", "triton"))
 def test_matches_torch_parametrization_per_member(backend):
     E, i, o, n = 7, 37, 23, 3
     weight, v = _inputs(E, i, o)
@@ -79,7 +79,7 @@ def test_matches_torch_parametrization_per_member(backend):
         torch.testing.assert_close(sigma[e], sigma_t)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", backends("torch", "triton"))
 def test_eval_mode_uses_stored_vectors(backend):
     """n_power_iterations=0 with u: torch's eval mode (sigma = u^T W v, nothing updated)."""
     E, i, o = 7, 9, 13
@@ -99,7 +99,7 @@ def test_eval_mode_uses_stored_vectors(backend):
         torch.testing.assert_close(weight[e].T / sigma[e], w_sn, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", backends("torch", "triton"))
 def test_zero_iterations_without_u(backend):
     """n_power_iterations=0 without u: u = normalize(W v) once, v unchanged, sigma = ||W v||."""
     weight, v = _inputs(7, 6, 11)
@@ -110,15 +110,15 @@ def test_zero_iterations_without_u(backend):
     assert torch.equal(v_out, v)
 
 
-def test_inputs_not_modified_and_outputs_without_grad():
+@pytest.mark.parametrize("backend", backends("torch", "triton"))
+def test_inputs_not_modified_and_outputs_without_grad(backend):
     weight, v = _inputs(7, 5, 6)
     weight.requires_grad_(True)
     v0 = v.clone()
     w0 = weight.detach().clone()
-    for backend in ("torch", "triton"):
-        sigma, u, v_out = spectral_norm(weight, v, 2, backend=backend)
-        assert torch.equal(v, v0) and torch.equal(weight.detach(), w0)
-        assert sigma.requires_grad and not u.requires_grad and not v_out.requires_grad
+    sigma, u, v_out = spectral_norm(weight, v, 2, backend=backend)
+    assert torch.equal(v, v0) and torch.equal(weight.detach(), w0)
+    assert sigma.requires_grad and not u.requires_grad and not v_out.requires_grad
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,24 +147,25 @@ def test_torch_backend_vs_reference(E, i, o, n):
     _check_against_ref(E, i, o, n, "torch")
 
 
+@needs_triton
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("E,i,o", TRITON_SHAPES)
 def test_triton_backend_vs_reference(E, i, o, n):
     _check_against_ref(E, i, o, n, "triton")
 
 
-def test_backward_formula():
+@pytest.mark.parametrize("backend", backends("torch", "triton"))
+def test_backward_formula(backend):
     """d sigma / d weight[e] = v[e] u[e]^T with the returned u, v."""
     weight, v = _inputs(7, 5, 8)
     weight.requires_grad_(True)
     grad = torch.randn(7)
-    for backend in ("torch", "triton"):
-        sigma, u, v_out = spectral_norm(weight, v, 2, backend=backend)
-        (g,) = torch.autograd.grad(sigma, weight, grad)
-        torch.testing.assert_close(g, grad[:, None, None] * v_out[:, :, None] * u[:, None, :])
+    sigma, u, v_out = spectral_norm(weight, v, 2, backend=backend)
+    (g,) = torch.autograd.grad(sigma, weight, grad)
+    torch.testing.assert_close(g, grad[:, None, None] * v_out[:, :, None] * u[:, None, :])
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", backends("torch", "triton"))
 @pytest.mark.parametrize("n", [1, 3])
 def test_composed_gradient_matches_parametrization(backend, n):
     """y = ensemble_linear(x, W, b, scale=1/sigma): the weight gradient equals torch's
@@ -197,7 +198,7 @@ def test_composed_gradient_matches_parametrization(backend, n):
 # ----------------------------------------------------------------------------------------------
 # gradcheck (float64)
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", backends("torch", "triton"))
 def test_gradcheck_fixed_vectors(backend):
     """With n=0 and stored u, sigma = u^T W v is exactly linear in weight."""
     E, i, o = 2, 3, 4
@@ -207,7 +208,7 @@ def test_gradcheck_fixed_vectors(backend):
     assert torch.autograd.gradcheck(lambda w: spectral_norm(w, v, 0, u=u, backend=backend)[0], (weight,))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", backends("torch", "triton"))
 def test_gradcheck_converged(backend):
     """At convergence u, v are the top singular vectors, and v u^T is the exact gradient of the
     top singular value: gradcheck of the whole op with u, v recomputed at every perturbation."""
@@ -221,7 +222,7 @@ def test_gradcheck_converged(backend):
     assert torch.autograd.gradcheck(lambda w: spectral_norm(w, v, 25, backend=backend)[0], (weight,), atol=1e-6, fast_mode=True)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", backends("torch", "triton"))
 def test_gradcheck_layers(backend):
     ws = [torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True),
           torch.randn(2, 4, 1, dtype=torch.float64, requires_grad=True)]
@@ -238,7 +239,7 @@ def test_gradcheck_layers(backend):
 # ----------------------------------------------------------------------------------------------
 # spectral_norm_layers
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", backends("torch", "triton"))
 @pytest.mark.parametrize("n", [0, 1, 3])
 def test_layers_equal_per_layer_calls(backend, n):
     E = 7
@@ -257,6 +258,7 @@ def test_layers_equal_per_layer_calls(backend, n):
         torch.testing.assert_close(grads_out[k], g)
 
 
+@needs_triton
 def test_layers_backends_agree():
     E = 3
     shapes = [(7, 5), (5, 37), (37, 2)]
@@ -275,7 +277,7 @@ def test_layers_empty():
 # ----------------------------------------------------------------------------------------------
 # registration: opcheck and torch.compile
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", backends("torch", "triton"))
 def test_opcheck(backend):
     weight, v = _inputs(3, 5, 4)
     weight.requires_grad_(True)

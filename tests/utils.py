@@ -1,6 +1,20 @@
-"""Helpers shared by the test files (tolerance rule of style.md)."""
+"""Helpers shared by the test files (tolerance rule of style.md, Triton-on-CPU skips)."""
 
+import pytest
 import torch
+
+from fastrp.ops._common import triton_usable
+
+# CPU-tensor Triton tests need the interpreter: conftest sets TRITON_INTERPRET=1 only where CUDA
+# is absent, so on a GPU machine they skip (the CUDA-marked tests cover Triton there).
+needs_triton = pytest.mark.skipif(
+    not triton_usable(torch.device("cpu")), reason="Triton on CPU tensors needs TRITON_INTERPRET=1"
+)
+
+
+def backends(*names: str) -> list:
+    """``names`` as pytest params, ``"triton"`` marked :data:`needs_triton`."""
+    return [pytest.param(n, marks=needs_triton) if n == "triton" else n for n in names]
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -8,8 +8,13 @@
 // works) and a warp-uniform threshold, the k-th best so far. A ballot finds the lanes whose
 // candidates beat it; only those (rare once the heap is full) are pushed, one at a time, by lane
 // 0. Ties at the threshold keep the earlier candidate.
+//
+// Non-finite values: a point is a candidate only when its squared distance to the query is
+// finite (NaN and +inf never compare below the threshold), so NaN or inf rows are never selected
+// and slots left without a candidate keep +inf and index -1.
 #include <climits>
 
+#include "../knn_heap.h"
 #include "knn_kernel.cuh"
 
 namespace fastrp {
@@ -34,36 +39,6 @@ __device__ __forceinline__ float positive_infinity<float>() {
 template <>
 __device__ __forceinline__ double positive_infinity<double>() {
   return __longlong_as_double(0x7ff0000000000000LL);
-}
-
-// Insert (v, i) into the max-heap key/idx holding `size` of at most `cap` entries. When full, the
-// root (largest key) is replaced; the caller only offers v < root in that case.
-template <typename T>
-__device__ void heap_insert(T* key, int64_t* idx, int64_t size, int64_t cap, T v, int64_t i) {
-  int64_t pos;
-  if (size < cap) {
-    pos = size;
-    while (pos > 0) {
-      const int64_t parent = (pos - 1) / 2;
-      if (key[parent] >= v) break;
-      key[pos] = key[parent];
-      idx[pos] = idx[parent];
-      pos = parent;
-    }
-  } else {
-    pos = 0;
-    while (true) {
-      int64_t child = 2 * pos + 1;
-      if (child >= size) break;
-      if (child + 1 < size && key[child + 1] > key[child]) ++child;
-      if (key[child] <= v) break;
-      key[pos] = key[child];
-      idx[pos] = idx[child];
-      pos = child;
-    }
-  }
-  key[pos] = v;
-  idx[pos] = i;
 }
 
 template <typename T>
@@ -126,7 +101,7 @@ __global__ void __launch_bounds__(kThreads)
         const T v = __shfl_sync(kFullMask, acc[m], src);
         const long long pi = __shfl_sync(kFullMask, static_cast<long long>(p), src);
         if (v < threshold) {
-          if (lane == 0) heap_insert(heap_key, heap_idx, count, k, v, static_cast<int64_t>(pi));
+          if (lane == 0) bounded_heap_insert(heap_key, heap_idx, count, k, v, static_cast<int64_t>(pi));
           if (count < k) ++count;
           if (count == k) {
             const T root = lane == 0 ? heap_key[0] : T(0);

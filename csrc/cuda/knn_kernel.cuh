@@ -17,8 +17,9 @@ namespace cuda {
 // The points are cut into `splits` contiguous ranges searched by separate thread blocks (more
 // parallelism when Q is small); dist and idx are [Q, splits * k] and receive, for split s, the k
 // best of that range in columns [s * k, (s + 1) * k), UNSORTED. The caller merges and sorts
-// (top-k over each row). Slots of a split with fewer than k candidates (a short range, NaN
-// distances, the excluded point) hold +inf and -1.
+// (top-k over each row). A point is a candidate only when its squared distance to the query is
+// finite, so rows holding NaN or inf are never selected; slots of a split with fewer than k
+// candidates (a short range, non-finite distances, the excluded point) hold +inf and -1.
 template <typename T>
 cudaError_t launch_knn(const T* queries, const T* points, const int64_t* exclude, int64_t Q, int64_t N, int64_t d,
                        int64_t k, int64_t splits, T* dist, int64_t* idx, cudaStream_t stream);

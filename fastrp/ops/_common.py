@@ -1,7 +1,8 @@
-"""Shared argument validation and backend selection for :mod:`fastrp.ops`.
+"""Shared argument validation, backend selection and torch activations for :mod:`fastrp.ops`.
 
 Every public op validates its inputs with these helpers so that a bad call raises a
 ``ValueError`` naming the argument and what was expected, and resolves ``backend=`` the same way.
+The torch activations and their derivatives are shared by the torch backends of the dense ops.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 from typing import Iterable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .. import _ext
 
@@ -64,6 +66,99 @@ def check_activation(activation: str) -> str:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     return activation
+
+
+def check_layer_list(name: str, seq, L: int) -> list:
+    """A per-layer argument (biases, scales): None means ``L`` Nones; otherwise a list or tuple
+    of ``L`` entries (each may be None), returned as a list."""
+    if seq is None:
+        return [None] * L
+    if not isinstance(seq, (list, tuple)) or len(seq) != L:
+        got = f"{len(seq)} entries" if isinstance(seq, (list, tuple)) else type(seq).__name__
+        raise ValueError(
+            f"{name} must be None or a list of {L} entries (one per layer, like weights; entries may be None), "
+            f"got {got}"
+        )
+    return list(seq)
+
+
+def check_layers(weights, biases, scales, E: int, d_in: int, dtype: torch.dtype, device: torch.device):
+    """Check an ensemble MLP's per-layer arguments: ``weights`` a non-empty list of
+    ``[E, d_l, d_{l+1}]`` tensors chained from ``d_0 = d_in``; ``biases`` / ``scales`` None or
+    per-layer lists of ``[E, d_{l+1}]`` / ``[E]`` tensors or None; all of ``dtype`` on ``device``.
+    Returns ``(widths [d_0, ..., d_L], biases, scales)`` with None lists expanded."""
+    if not isinstance(weights, (list, tuple)) or len(weights) == 0:
+        raise ValueError(f"weights must be a non-empty list of [E, d_l, d_l+1] tensors, got {type(weights).__name__}")
+    L = len(weights)
+    widths = [d_in]
+    for l, w in enumerate(weights):
+        check_tensor(f"weights[{l}]", w, ndim=3, shape=[E, widths[-1], None], dtypes=[dtype], device=device,
+                     what=f"[E={E}, d_{l}={widths[-1]}, d_{l + 1}] (E members, d_{l} the width of the previous layer)")
+        widths.append(int(w.shape[2]))
+    biases = check_layer_list("biases", biases, L)
+    scales = check_layer_list("scales", scales, L)
+    for l in range(L):
+        if biases[l] is not None:
+            check_tensor(f"biases[{l}]", biases[l], shape=[E, widths[l + 1]], dtypes=[dtype], device=device,
+                         what=f"[E={E}, d_{l + 1}={widths[l + 1]}] like x's dtype")
+        if scales[l] is not None:
+            check_tensor(f"scales[{l}]", scales[l], shape=[E], dtypes=[dtype], device=device,
+                         what=f"[E={E}] like x's dtype")
+    return widths, biases, scales
+
+
+def is_compiling() -> bool:
+    """True while torch.compile (dynamo) traces."""
+    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(fn is not None and fn())
+
+
+def value_checks_allowed(t: torch.Tensor) -> bool:
+    """Whether a data-dependent check may read ``t``'s values back to the host: not while
+    torch.compile traces, nor while a CUDA graph is being captured (both forbid the sync)."""
+    if is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def act(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """``activation(z)`` for ``"silu" | "relu" | "tanh"``."""
+    if activation == "silu":
+        return F.silu(z)
+    if activation == "relu":
+        return torch.relu(z)
+    return torch.tanh(z)
+
+
+def act_backward(g: torch.Tensor, z: torch.Tensor, h: torch.Tensor, activation: str) -> torch.Tensor:
+    """``g * act'(z)`` given the pre-activation ``z`` and ``h = act(z)`` (fused aten kernels)."""
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(g, z)
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(g, z, 0)
+    return torch.ops.aten.tanh_backward(g, h)
+
+
+def act_d1(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """``act'(z)``."""
+    if activation == "silu":
+        sg = torch.sigmoid(z)
+        return sg * (1 + z * (1 - sg))
+    if activation == "relu":
+        return (z > 0).to(z.dtype)
+    th = torch.tanh(z)
+    return 1 - th * th
+
+
+def act_d2(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """``act''(z)`` (zero for relu)."""
+    if activation == "silu":
+        sg = torch.sigmoid(z)
+        return sg * (1 - sg) * (2 + z * (1 - 2 * sg))
+    if activation == "relu":
+        return torch.zeros_like(z)
+    th = torch.tanh(z)
+    return -2 * th * (1 - th * th)
 
 
 def triton_available() -> bool:

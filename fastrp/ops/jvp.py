@@ -16,9 +16,11 @@ Backends: ``"torch"`` (batched matmuls) and ``"triton"`` (one fused launch compu
 row and its K tangent rows together, ``kernels/ensemble_mlp_jvp.py``). Auto picks Triton on CUDA
 and torch on CPU. The backward is the same for both backends: explicit reverse-mode formulas of
 the recurrence in batched torch matmuls (it recomputes the forward intermediates in torch, so
-the forward stores nothing but its inputs). The op is registered as ``fastrp::ensemble_mlp_jvp``
-(forward) and ``fastrp::ensemble_mlp_jvp_backward`` (backward) with fake implementations, so it
-traces under ``torch.compile(fullgraph=True)``. Double backward is not supported.
+the forward stores nothing but its inputs); it skips the parameter gradients when no weight,
+bias or scale requires one (frozen parameters). The op is registered as
+``fastrp::ensemble_mlp_jvp`` (forward) and ``fastrp::ensemble_mlp_jvp_backward`` (backward) with
+fake implementations, so it traces under ``torch.compile(fullgraph=True)``. Double backward is
+not supported.
 """
 
 from __future__ import annotations
@@ -27,43 +29,16 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ._common import check_activation, check_tensor, resolve_backend
+from ._common import act as _act
+from ._common import act_d1 as _act_d1
+from ._common import act_d2 as _act_d2
+from ._common import check_activation, check_layers, check_tensor, resolve_backend
 
 __all__ = ["ensemble_mlp_jvp", "ensemble_mlp_jvp_ref"]
 
 _OP = "ensemble_mlp_jvp"
 _BACKENDS = ("triton", "torch")
 _DTYPES = (torch.float32, torch.float64)
-
-
-def _act(z: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "silu":
-        return torch.nn.functional.silu(z)
-    if activation == "relu":
-        return torch.relu(z)
-    return torch.tanh(z)
-
-
-def _act_d1(z: torch.Tensor, activation: str) -> torch.Tensor:
-    """act'(z)."""
-    if activation == "silu":
-        sg = torch.sigmoid(z)
-        return sg * (1 + z * (1 - sg))
-    if activation == "relu":
-        return (z > 0).to(z.dtype)
-    th = torch.tanh(z)
-    return 1 - th * th
-
-
-def _act_d2(z: torch.Tensor, activation: str) -> torch.Tensor:
-    """act''(z) (zero for relu)."""
-    if activation == "silu":
-        sg = torch.sigmoid(z)
-        return sg * (1 - sg) * (2 + z * (1 - 2 * sg))
-    if activation == "relu":
-        return torch.zeros_like(z)
-    th = torch.tanh(z)
-    return -2 * th * (1 - th * th)
 
 
 def _recurrence(
@@ -112,36 +87,8 @@ def _normalize_args(x, tangents, weights, biases, scales, activation):
             f"tangents must have shape [E, B, K, in] = [{E}, {B}, K, {d_in}] (x is {tuple(x.shape)}), "
             f"got {tuple(tangents.shape)}"
         )
-    if not isinstance(weights, (list, tuple)) or len(weights) == 0:
-        raise ValueError(f"weights must be a non-empty list of [E, d_l, d_l+1] tensors, got {type(weights).__name__}")
-    L = len(weights)
-    if biases is None:
-        biases = [None] * L
-    if scales is None:
-        scales = [None] * L
-    if not isinstance(biases, (list, tuple)) or len(biases) != L:
-        raise ValueError(f"biases must be a list of {L} entries (one per weight; entries may be None), got {_len(biases)}")
-    if not isinstance(scales, (list, tuple)) or len(scales) != L:
-        raise ValueError(f"scales must be None or a list of {L} entries (one per weight; entries may be None), "
-                         f"got {_len(scales)}")
-    width = d_in
-    for layer, (w, b, s) in enumerate(zip(weights, biases, scales)):
-        check_tensor(f"weights[{layer}]", w, ndim=3, dtypes=(dt,), device=dev, what="[E, d_l, d_l+1]")
-        if w.shape[0] != E or w.shape[1] != width:
-            raise ValueError(f"weights[{layer}] must have shape [{E}, {width}, *] (E = {E} members, input width "
-                             f"{width} from the previous layer), got {tuple(w.shape)}")
-        width = w.shape[2]
-        if b is not None:
-            check_tensor(f"biases[{layer}]", b, shape=(E, width), dtypes=(dt,), device=dev, what="[E, d_l+1]")
-        if s is not None:
-            check_tensor(f"scales[{layer}]", s, shape=(E,), dtypes=(dt,), device=dev, what="[E]")
-    return list(weights), list(biases), list(scales)
-
-
-def _len(obj) -> str:
-    if isinstance(obj, (list, tuple)):
-        return f"{len(obj)} entries"
-    return type(obj).__name__
+    _, biases, scales = check_layers(weights, biases, scales, E, d_in, dt, dev)
+    return list(weights), biases, scales
 
 
 def ensemble_mlp_jvp_ref(
@@ -169,6 +116,7 @@ def _backward_torch(
     biases: Sequence[Optional[torch.Tensor]],
     scales: Sequence[Optional[torch.Tensor]],
     activation: str,
+    need_params: bool = True,
 ):
     """Reverse mode through the recurrence: ``(gx, gtangents, gW[L], gb[L], gs[L])``.
 
@@ -176,7 +124,9 @@ def _backward_torch(
     ``A = hᵀ gz + tᵀ gw``: ``gW = s A``, ``gs = <A, W>``, ``gb = Σ_b gz``,
     ``gh = s gz Wᵀ``, ``gt = s gw Wᵀ``; through a hidden activation
     ``gz = gh act'(z) + act''(z) Σ_k gt_k w_k`` and ``gw = gt act'(z)``.
-    Gradients are returned for every layer (``gb``/``gs`` also where the bias/scale is None).
+    Gradients are returned for every layer (``gb``/``gs`` also where the bias/scale is None);
+    with ``need_params=False`` (frozen parameters) ``A`` is not formed and ``gW``, ``gb``, ``gs``
+    are lists of empty tensors.
     """
     E, B, K = tangents.shape[:3]
     record: list = []
@@ -191,20 +141,27 @@ def _backward_torch(
         d_in, d_out = w.shape[1], w.shape[2]
         if layer == 0:
             h_in, t_in = x, tangents
+        elif not need_params:
+            z_prev, w_prev = record[layer - 1]
+            d1 = _act_d1(z_prev, activation)
+            h_in = t_in = None
         else:
             z_prev, w_prev = record[layer - 1]
             d1 = _act_d1(z_prev, activation)
             h_in = _act(z_prev, activation)
             t_in = d1.unsqueeze(2) * w_prev
         gw2 = gw.reshape(E, B * K, d_out)
-        a = torch.matmul(h_in.transpose(1, 2), gz) + torch.matmul(t_in.reshape(E, B * K, d_in).transpose(1, 2), gw2)
-        gb[layer] = gz.sum(1)
-        gs[layer] = (a * w).sum((1, 2))
+        if need_params:
+            a = torch.matmul(h_in.transpose(1, 2), gz) + torch.matmul(
+                t_in.reshape(E, B * K, d_in).transpose(1, 2), gw2)
+            gb[layer] = gz.sum(1)
+            gs[layer] = (a * w).sum((1, 2))
+            gW[layer] = a if s is None else a * s[:, None, None]
+        else:
+            gW[layer], gb[layer], gs[layer] = x.new_empty(0), x.new_empty(0), x.new_empty(0)
         if s is None:
-            gW[layer] = a
             gu, gv = gz, gw2
         else:
-            gW[layer] = a * s[:, None, None]
             gu, gv = gz * s[:, None, None], gw2 * s[:, None, None]
         wt = w.transpose(1, 2)
         gh = torch.matmul(gu, wt)
@@ -267,10 +224,13 @@ def _jvp_backward_op(
     has_bias: List[bool],
     has_scale: List[bool],
     activation: str,
+    need_params: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
-    """Gradients of x, tangents, every weight, and the present biases and scales."""
+    """Gradients of x, tangents, every weight, and the present biases and scales (with
+    ``need_params=False`` the parameter gradients are empty tensors and cost nothing)."""
     gx, gt, gW, gb, gs = _backward_torch(
-        grad_y, grad_jy, x, tangents, weights, _expand(biases, has_bias), _expand(scales, has_scale), activation
+        grad_y, grad_jy, x, tangents, weights, _expand(biases, has_bias), _expand(scales, has_scale), activation,
+        need_params,
     )
     gb = [g for g, p in zip(gb, has_bias) if p]
     gs = [g for g, p in zip(gs, has_scale) if p]
@@ -278,13 +238,18 @@ def _jvp_backward_op(
 
 
 @_jvp_backward_op.register_fake
-def _jvp_backward_op_fake(grad_y, grad_jy, x, tangents, weights, biases, scales, has_bias, has_scale, activation):
+def _jvp_backward_op_fake(grad_y, grad_jy, x, tangents, weights, biases, scales, has_bias, has_scale, activation,
+                          need_params):
+    # the real op returns contiguous tensors whatever the strides of its inputs
+    def like(t):
+        return t.new_empty(t.shape if need_params else (0,))
+
     return (
-        torch.empty_like(x),
-        torch.empty_like(tangents),
-        [torch.empty_like(w) for w in weights],
-        [torch.empty_like(b) for b in biases],
-        [torch.empty_like(s) for s in scales],
+        x.new_empty(x.shape),
+        tangents.new_empty(tangents.shape),
+        [like(w) for w in weights],
+        [like(b) for b in biases],
+        [like(s) for s in scales],
     )
 
 
@@ -304,11 +269,19 @@ def _backward(ctx, grad_y, grad_jy):
         grad_y = x.new_zeros((x.shape[0], x.shape[1], weights[-1].shape[2]))
     if grad_jy is None:
         grad_jy = tangents.new_zeros(tuple(tangents.shape[:3]) + (weights[-1].shape[2],))
+    nig = ctx.needs_input_grad
+    need_params = len(nig) != 9 or any(_any(f) for f in nig[2:5])
     gx, gt, gW, gb, gs = _jvp_backward_op(
         grad_y.contiguous(), grad_jy.contiguous(), x, tangents, weights, biases, scales,
-        ctx.has_bias, ctx.has_scale, ctx.activation,
+        ctx.has_bias, ctx.has_scale, ctx.activation, need_params,
     )
+    if not need_params:
+        return gx, gt, [None] * len(gW), [None] * len(gb), [None] * len(gs), None, None, None, None
     return gx, gt, list(gW), list(gb), list(gs), None, None, None, None
+
+
+def _any(flag) -> bool:
+    return any(flag) if isinstance(flag, (list, tuple)) else bool(flag)
 
 
 _jvp_op.register_autograd(_backward, setup_context=_setup_context)

@@ -14,7 +14,10 @@ Backends (``backend=None`` picks the first usable one for the tensors' device):
 
 All backends are tiled: extra memory is O(Q * k + tile), never a Q x N distance matrix. Neither
 op is differentiable: the outputs carry no gradient (``directions`` and ``deltas`` are plain
-differences of the detached inputs, to be used as regression targets).
+differences of the detached inputs, to be used as regression targets). Searched values must be
+finite: eager calls check it (``ValueError``), see :func:`knn` for what every backend does with
+NaN or inf rows when the checks are skipped (``torch.compile``, CUDA-graph capture, direct op
+calls).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _ext
-from ._common import check_tensor, resolve_backend
+from ._common import check_tensor, resolve_backend, value_checks_allowed
 
 __all__ = ["knn", "knn_ref", "fd_targets", "fd_targets_ref"]
 
@@ -34,13 +37,6 @@ _SUPPORTED = ("cuda", "cpp", "torch")
 # plus the gathered neighbour rows used to recompute exact distances).
 _TILE_ELEMENTS = 1 << 22
 _POINT_CHUNK = 4096
-
-
-def _is_compiling() -> bool:
-    fn = getattr(torch.compiler, "is_compiling", None)
-    if fn is None:  # torch < 2.3
-        from torch._dynamo import is_compiling as fn
-    return bool(fn())
 
 
 def _register_fake() -> None:
@@ -57,6 +53,12 @@ def _register_fake() -> None:
 
 
 _register_fake()
+
+
+def _host_read(**values: torch.Tensor) -> dict:
+    """The 0-d tensors ``values`` (flags, bounds) as Python ints, read with a single
+    device-to-host transfer."""
+    return dict(zip(values, torch.stack([v.to(torch.int64) for v in values.values()]).tolist()))
 
 
 def _check_k(k, upper: int, what: str) -> int:
@@ -79,28 +81,40 @@ def _check_knn_args(queries, points, k, exclude) -> int:
                  what="[N, d] with the d, dtype and device of queries")
     n = points.shape[0]
     k = _check_k(k, n, "N")
-    if exclude is None:
+    if exclude is not None:
+        check_tensor("exclude", exclude, shape=(queries.shape[0],), dtypes=(torch.int64,), device=queries.device,
+                     what="[Q] int64 point indices (-1: nothing to skip)")
+    if not value_checks_allowed(queries):
         return k
-    check_tensor("exclude", exclude, shape=(queries.shape[0],), dtypes=(torch.int64,), device=queries.device,
-                 what="[Q] int64 point indices (-1: nothing to skip)")
-    if _is_compiling() or exclude.numel() == 0:
-        return k
-    lo, hi = (int(v) for v in torch.stack(torch.aminmax(exclude)).tolist())
-    if lo < -1 or hi >= n:
-        raise ValueError(f"exclude entries must be in [-1, N={n}) (-1: nothing to skip), got range [{lo}, {hi}]")
-    if hi >= 0 and k > n - 1:
-        raise ValueError(f"k must be at most N - 1 = {n - 1} when exclude removes a point, got {k}")
+    checks = {"queries": torch.isfinite(queries).all(), "points": torch.isfinite(points).all()}
+    if exclude is not None and exclude.numel():
+        checks["lo"], checks["hi"] = torch.aminmax(exclude)
+    got = _host_read(**checks)
+    if "lo" in got:
+        lo, hi = got["lo"], got["hi"]
+        if lo < -1 or hi >= n:
+            raise ValueError(f"exclude entries must be in [-1, N={n}) (-1: nothing to skip), got range [{lo}, {hi}]")
+        if hi >= 0 and k > n - 1:
+            raise ValueError(f"k must be at most N - 1 = {n - 1} when exclude removes a point, got {k}")
+    for name in ("queries", "points"):
+        if not got[name]:
+            raise ValueError(f"{name} must be finite (no NaN or inf entries)")
     return k
 
 
 def _knn_torch(queries: torch.Tensor, points: torch.Tensor, k: int,
                exclude: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Chunked mm + topk; the selected distances are recomputed as sum((q - p)^2) and sorted."""
+    """Chunked mm + topk; the selected distances are recomputed as sum((q - p)^2) and sorted.
+
+    Candidates whose recomputed distance is not finite (NaN or inf rows) or that are the excluded
+    point (picked only when fewer than k candidates remain) become ``(+inf, -1)``, as in the
+    compiled kernels."""
     q_count, d = queries.shape
     n = points.shape[0]
     if q_count == 0:
         return queries.new_empty((0, k)), queries.new_empty((0, k), dtype=torch.int64)
     center = points.mean(0)
+    center = torch.where(torch.isfinite(center), center, torch.zeros_like(center))  # NaN/inf points
     pc = points - center
     qc = queries - center
     pnorm = (pc * pc).sum(1)
@@ -126,9 +140,13 @@ def _knn_torch(queries: torch.Tensor, points: torch.Tensor, k: int,
                     i = i.gather(1, j)
             best_s, best_i = s, i
         diff = queries[q0:q1, None, :] - points[best_i]
-        dist, order = (diff * diff).sum(-1).sort(dim=1)
+        dist = (diff * diff).sum(-1)
+        invalid = ~torch.isfinite(dist)
+        if exclude is not None:
+            invalid |= best_i == exclude[q0:q1, None]
+        dist, order = dist.masked_fill(invalid, float("inf")).sort(dim=1)
         dists.append(dist)
-        idxs.append(best_i.gather(1, order))
+        idxs.append(best_i.masked_fill(invalid, -1).gather(1, order))
     return torch.cat(dists), torch.cat(idxs)
 
 
@@ -152,8 +170,8 @@ def knn(queries: torch.Tensor, points: torch.Tensor, k: int, exclude: Optional[t
     """Exact k nearest neighbours by squared Euclidean distance.
 
     Args:
-        queries: ``[Q, d]`` float32 (or float64).
-        points: ``[N, d]``, same dtype and device as ``queries``.
+        queries: ``[Q, d]`` float32 (or float64), finite.
+        points: ``[N, d]``, finite, same dtype and device as ``queries``.
         k: number of neighbours, ``1 <= k <= N``; at most ``N - 1`` when ``exclude`` holds any
             entry ``>= 0`` (every query must keep ``k`` candidates).
         exclude: optional ``[Q]`` int64: ``exclude[q]`` is a row of ``points`` skipped for query
@@ -172,8 +190,13 @@ def knn(queries: torch.Tensor, points: torch.Tensor, k: int, exclude: Optional[t
         either output.
 
     Memory is tiled: O(Q * k) for the outputs plus a tile (no ``Q x N`` matrix). Arguments are
-    validated before dispatch (``ValueError`` naming the argument); the checks of ``exclude``'s
-    values need its min/max (one device sync) and are skipped under ``torch.compile``.
+    validated before dispatch (``ValueError`` naming the argument). The value checks (``queries``
+    and ``points`` finite, ``exclude``'s range) are read back together: one device sync per call.
+    They are skipped under ``torch.compile`` and CUDA-graph capture; a NaN or inf there is not an
+    error, and every backend then treats it alike: a point is a neighbour only at a finite squared
+    distance, and the slots a query cannot fill (a non-finite query row, or fewer than ``k``
+    points at a finite distance) hold ``dist2 = +inf`` and ``idx = -1``. Finite values whose
+    squared distances overflow the dtype (beyond ~1e19 in float32) are not supported.
     """
     k = _check_knn_args(queries, points, k, exclude)
     return _knn_dispatch(queries, points, k, exclude, _resolve("knn", backend, queries.device))
@@ -205,13 +228,19 @@ def _check_fd_args(inputs, outputs, query_idx, k, scale) -> int:
     if scale is not None:
         check_tensor("scale", scale, shape=(width,), dtypes=(inputs.dtype,), device=inputs.device,
                      what="[i] positive per-column scale of inputs")
-    if _is_compiling():
+    if not value_checks_allowed(inputs):
         return k
+    checks = {"inputs": torch.isfinite(inputs).all()}
+    if scale is not None:
+        checks["scale"] = ((scale > 0) & torch.isfinite(scale)).all()
     if query_idx.numel():
-        lo, hi = (int(v) for v in torch.stack(torch.aminmax(query_idx)).tolist())
-        if lo < 0 or hi >= n:
-            raise ValueError(f"query_idx entries must be in [0, N={n}), got range [{lo}, {hi}]")
-    if scale is not None and not bool(((scale > 0) & torch.isfinite(scale)).all()):
+        checks["lo"], checks["hi"] = torch.aminmax(query_idx)
+    got = _host_read(**checks)
+    if "lo" in got and (got["lo"] < 0 or got["hi"] >= n):
+        raise ValueError(f"query_idx entries must be in [0, N={n}), got range [{got['lo']}, {got['hi']}]")
+    if not got["inputs"]:
+        raise ValueError("inputs must be finite (no NaN or inf entries)")
+    if not got.get("scale", True):
         raise ValueError("scale entries must be positive and finite")
     return k
 
@@ -236,8 +265,10 @@ def fd_targets(inputs: torch.Tensor, outputs: torch.Tensor, query_idx: torch.Ten
     (e.g. the observation-normaliser std), and return the unscaled differences.
 
     Args:
-        inputs: ``[N, i]`` float32 (or float64), e.g. replay-buffer ``(s, a)`` rows.
-        outputs: ``[N, o]``, same dtype and device, e.g. the model targets of those rows.
+        inputs: ``[N, i]`` float32 (or float64), finite, e.g. replay-buffer ``(s, a)`` rows.
+        outputs: ``[N, o]``, same dtype and device, e.g. the model targets of those rows. Not
+            checked for NaN or inf: they do not take part in the search, and a non-finite row
+            only makes the ``deltas`` that use it non-finite (for the caller to mask).
         query_idx: ``[Q]`` int64 rows of ``inputs`` to build targets for, each in ``[0, N)``.
         k: neighbours per query, ``1 <= k <= N - 1``.
         scale: optional ``[i]`` positive, finite per-column scale; neighbours are searched on
@@ -249,6 +280,13 @@ def fd_targets(inputs: torch.Tensor, outputs: torch.Tensor, query_idx: torch.Ten
         ``directions = inputs[idx] - inputs[query_idx, None]``,
         ``deltas = outputs[idx] - outputs[query_idx, None]``, neighbours ascending by distance.
         No gradient flows through the outputs.
+
+    The value checks (``inputs`` finite, ``scale`` positive and finite, ``query_idx`` in range)
+    are read back together: one device sync per call, raising ``ValueError`` naming the argument.
+    They are skipped under ``torch.compile`` and CUDA-graph capture, where out-of-range or
+    non-finite values give unspecified results (a query without ``k`` finite neighbours gets
+    ``idx = -1`` slots, see :func:`knn`, and its ``directions``/``deltas`` there then use the
+    last row).
     """
     k = _check_fd_args(inputs, outputs, query_idx, k, scale)
     return _fd_targets(inputs, outputs, query_idx, k, scale, _resolve("fd_targets", backend, inputs.device))

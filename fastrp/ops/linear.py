@@ -37,12 +37,15 @@ def ensemble_linear(
 
     Returns:
         ``[E, B, out]``, differentiable in ``x``, ``weight``, ``bias`` and ``scale``. float32
-        inputs (float64 also works); all tensors on one device.
+        inputs (float64 also works); all tensors on one device; ``E >= 1`` (like
+        :func:`fastrp.ops.ensemble_mlp`).
     """
     from .mlp import _apply
 
     check_tensor("x", x, ndim=3, what="[E, B, in]")
     E, B, d_in = x.shape
+    if E < 1:
+        raise ValueError(f"x must have at least one member (E >= 1), got shape {tuple(x.shape)}")
     dev, dtype = x.device, x.dtype
     check_tensor("weight", weight, shape=[E, d_in, None], dtypes=[dtype], device=dev,
                  what=f"[E={E}, in={d_in}, out] like x's dtype")

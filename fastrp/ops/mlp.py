@@ -18,12 +18,20 @@ owns rows ``seg[e]:seg[e+1]``); ``seg=None`` means the dense layout, ``R = E·B`
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from ._common import check_activation, check_tensor, resolve_backend
+from ._common import (
+    act as _act,
+    act_backward as _act_backward,
+    check_activation,
+    check_layers,
+    check_tensor,
+    resolve_backend,
+    value_checks_allowed,
+)
 from .linear import ensemble_linear_ref
 
 __all__ = ["ensemble_mlp", "ensemble_mlp_ref"]
@@ -32,31 +40,12 @@ _BACKENDS = ("triton", "torch")
 
 
 # ----------------------------------------------------------------------------------------------
-# activations (torch backend)
-
-
-def _act(z: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "silu":
-        return F.silu(z)
-    if activation == "relu":
-        return torch.relu(z)
-    return torch.tanh(z)
-
-
-def _act_backward(g: torch.Tensor, z: torch.Tensor, h: torch.Tensor, activation: str) -> torch.Tensor:
-    """``g * act'(z)`` given the pre-activation ``z`` and ``h = act(z)`` (fused aten kernels)."""
-    if activation == "silu":
-        return torch.ops.aten.silu_backward(g, z)
-    if activation == "relu":
-        return torch.ops.aten.threshold_backward(g, z, 0)
-    return torch.ops.aten.tanh_backward(g, h)
-
-
-# ----------------------------------------------------------------------------------------------
 # torch backend: explicit formulas, writing into the packed outputs of the registered ops
 
 
 def _segments(seg: Optional[torch.Tensor], E: int, R: int) -> List[Tuple[int, int]]:
+    """Row range of each member. Grouped rows read ``seg`` back to the host (one sync per call;
+    the torch backend is the CPU path, where that costs nothing)."""
     if seg is None:
         B = R // E
         return [(e * B, (e + 1) * B) for e in range(E)]
@@ -131,15 +120,15 @@ def _torch_forward(x, seg, weights, biases, scales, activation):
     return y, zflat
 
 
-def _torch_backward(grad_y, x, seg, weights, scales, zflat, activation):
+def _torch_backward(grad_y, x, seg, weights, scales, zflat, activation, need_dx, need_params):
     E, R, L = weights[0].shape[0], x.shape[0], len(weights)
     dims = [x.shape[1]] + [int(w.shape[2]) for w in weights]
     rows = _Rows(seg, E, R)
     x, zflat = x.contiguous(), zflat.contiguous()
-    dx = x.new_empty(R, dims[0])
-    dw = x.new_empty(sum(w.numel() for w in weights))
-    db = x.new_empty(E * sum(dims[1:]))
-    ds = x.new_zeros(E, L)
+    dx = x.new_empty(R if need_dx else 0, dims[0])
+    dw = x.new_empty(sum(w.numel() for w in weights) if need_params else 0)
+    db = x.new_empty(E * sum(dims[1:]) if need_params else 0)
+    ds = x.new_zeros(E, L if need_params else 0)
     z_offs = [0]
     for l in range(L - 1):
         z_offs.append(z_offs[-1] + R * dims[l + 1])
@@ -156,12 +145,15 @@ def _torch_backward(grad_y, x, seg, weights, scales, zflat, activation):
         else:
             z_in = rows.view(zflat[z_offs[l - 1]:z_offs[l]], d_in)
             h = _act(z_in, activation)
-        dw_l = dw[w_offs[l]:w_offs[l + 1]].view(E, d_in, d_out)
-        rows.matmul_into(dw_l, h, dz, transpose_a=True)  # A = h^T dz
-        rows.sum_rows_into(db[b_offs[l]:b_offs[l + 1]].view(E, d_out), dz)
-        if s is not None:
-            ds[:, l] = (dw_l * w).sum((1, 2))  # <A, W>
-            dw_l.mul_(s[:, None, None])
+        if need_params:
+            dw_l = dw[w_offs[l]:w_offs[l + 1]].view(E, d_in, d_out)
+            rows.matmul_into(dw_l, h, dz, transpose_a=True)  # A = h^T dz
+            rows.sum_rows_into(db[b_offs[l]:b_offs[l + 1]].view(E, d_out), dz)
+            if s is not None:
+                ds[:, l] = (dw_l * w).sum((1, 2))  # <A, W>
+                dw_l.mul_(s[:, None, None])
+        if l == 0 and not need_dx:
+            break
         g = rows.view(dx, d_in) if l == 0 else torch.empty_like(h)
         rows.matmul_into(g, dz, w, transpose_b=True)  # dz W^T
         if s is not None:
@@ -175,15 +167,12 @@ def _torch_backward(grad_y, x, seg, weights, scales, zflat, activation):
 # registered ops
 
 
-def _max_rows(seg: Optional[torch.Tensor], E: int, R: int) -> int:
-    # grouped rows: a member owns at most all R rows; programs past a member's rows do nothing
-    return R // E if seg is None else R
-
-
+@functools.lru_cache(maxsize=64)
 def _dense_seg(E: int, R: int, device: torch.device) -> torch.Tensor:
+    """``seg`` of the dense layout (member ``e`` owns rows ``e·B:(e+1)·B``), cached per shape so
+    the forward and backward launch no ``arange``."""
     B = R // E
-    return torch.arange(0, (E + 1) * B, B, device=device, dtype=torch.int64) if B else torch.zeros(
-        E + 1, device=device, dtype=torch.int64)
+    return torch.arange(E + 1, device=device, dtype=torch.int64) * B
 
 
 def _expand(present: List[torch.Tensor], layers: List[int], L: int) -> List[Optional[torch.Tensor]]:
@@ -208,8 +197,11 @@ def _mlp_fwd_op(
     scale_layers: List[int],
     activation: str,
     impl: str,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``x [R, d_0]`` -> ``(y [R, d_L], hidden pre-activations packed flat)``."""
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows ``x [R, d_0]`` -> ``(y [R, d_L], hidden pre-activations packed flat, packed weights,
+    packed scales)``. The Triton backend returns the flat weight buffer and the ``[L, E]`` scale
+    table its kernels read, so the backward reuses them instead of packing again; the torch
+    backend returns them empty."""
     L = len(weights)
     b_full, s_full = _expand(biases, bias_layers, L), _expand(scales, scale_layers, L)
     if impl == "triton":
@@ -217,15 +209,18 @@ def _mlp_fwd_op(
 
         E, R = weights[0].shape[0], x.shape[0]
         seg_t = _dense_seg(E, R, x.device) if seg is None else seg
-        return kern.mlp_forward(x, seg_t, _max_rows(seg, E, R), weights, b_full, s_full, activation)
-    return _torch_forward(x, seg, weights, b_full, s_full, activation)
+        return kern.mlp_forward(x, seg_t, seg is not None, weights, b_full, s_full, activation)
+    y, zflat = _torch_forward(x, seg, weights, b_full, s_full, activation)
+    return y, zflat, x.new_empty(0), x.new_empty(0, 0)
 
 
 @_mlp_fwd_op.register_fake
 def _(x, seg, weights, biases, bias_layers, scales, scale_layers, activation, impl):
-    R = x.shape[0]
+    R, E, L = x.shape[0], weights[0].shape[0], len(weights)
     hidden = sum(int(w.shape[2]) for w in weights[:-1])
-    return x.new_empty(R, weights[-1].shape[2]), x.new_empty(R * hidden)
+    triton = impl == "triton"
+    return (x.new_empty(R, weights[-1].shape[2]), x.new_empty(R * hidden),
+            x.new_empty(sum(w.numel() for w in weights) if triton else 0), x.new_empty((L, E) if triton else (0, 0)))
 
 
 @torch.library.custom_op("fastrp::ensemble_mlp_bwd", mutates_args=())
@@ -237,36 +232,47 @@ def _mlp_bwd_op(
     scales: List[torch.Tensor],
     scale_layers: List[int],
     zflat: torch.Tensor,
+    w_packed: torch.Tensor,
+    s_packed: torch.Tensor,
     activation: str,
     impl: str,
+    need_dx: bool,
+    need_params: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`_mlp_fwd_op` for every layer, packed: ``dx [R, d_0]``, the weight
     gradients flat (layer after layer, each ``[E, d_l, d_{l+1}]``), the bias gradients flat
     (``[E, d_{l+1}]`` each) and the scale gradients ``[E, L]``. Packed outputs let the fused
-    backward write straight into them; :func:`_backward` splits them into views."""
+    backward write straight into them; :func:`_backward` splits them into views. ``w_packed`` /
+    ``s_packed`` are the packed parameters returned by the Triton forward (unused by torch).
+
+    ``need_dx=False`` skips the first layer's data GEMM (``dx`` has 0 rows); ``need_params=False``
+    skips the weight/bias/scale reductions (those three outputs have 0 elements, ``ds`` is
+    ``[E, 0]``): the backward of frozen parameters costs no weight-gradient work."""
     s_full = _expand(scales, scale_layers, len(weights))
     if impl == "triton":
         from fastrp.kernels import ensemble_mlp as kern
 
         E, R = weights[0].shape[0], x.shape[0]
         seg_t = _dense_seg(E, R, x.device) if seg is None else seg
-        return kern.mlp_backward(grad_y, x, seg_t, _max_rows(seg, E, R), weights, s_full, zflat, activation)
-    return _torch_backward(grad_y, x, seg, weights, s_full, zflat, activation)
+        return kern.mlp_backward(grad_y, x, seg_t, seg is not None, weights, w_packed, s_packed, zflat, activation,
+                                 need_dx, need_params)
+    return _torch_backward(grad_y, x, seg, weights, s_full, zflat, activation, need_dx, need_params)
 
 
 @_mlp_bwd_op.register_fake
-def _(grad_y, x, seg, weights, scales, scale_layers, zflat, activation, impl):
+def _(grad_y, x, seg, weights, scales, scale_layers, zflat, w_packed, s_packed, activation, impl, need_dx, need_params):
     E, L = weights[0].shape[0], len(weights)
-    n_w = sum(w.numel() for w in weights)
-    n_b = E * sum(int(w.shape[2]) for w in weights)
-    return torch.empty_like(x), x.new_empty(n_w), x.new_empty(n_b), x.new_empty(E, L)
+    n_w = sum(w.numel() for w in weights) if need_params else 0
+    n_b = E * sum(int(w.shape[2]) for w in weights) if need_params else 0
+    return (x.new_empty(x.shape[0] if need_dx else 0, x.shape[1]), x.new_empty(n_w), x.new_empty(n_b),
+            x.new_empty(E, L if need_params else 0))
 
 
 def _setup_context(ctx, inputs, output):
     x, seg, weights, biases, bias_layers, scales, scale_layers, activation, impl = inputs
-    _, zflat = output
-    ctx.mark_non_differentiable(zflat)
-    ctx.save_for_backward(x, seg, zflat, *weights, *scales)
+    _, zflat, w_packed, s_packed = output
+    ctx.mark_non_differentiable(zflat, w_packed, s_packed)
+    ctx.save_for_backward(x, seg, zflat, w_packed, s_packed, *weights, *scales)
     ctx.bias_layers = list(bias_layers)
     ctx.scale_layers = list(scale_layers)
     ctx.activation = activation
@@ -274,14 +280,35 @@ def _setup_context(ctx, inputs, output):
     ctx.L = len(weights)
 
 
-def _backward(ctx, grad_y, grad_z):
-    x, seg, zflat, *rest = ctx.saved_tensors
+def _any(flag) -> bool:
+    return any(flag) if isinstance(flag, (list, tuple)) else bool(flag)
+
+
+def _needs(ctx) -> Tuple[bool, bool]:
+    """``(x needs a gradient, some weight / bias / scale does)`` from ``ctx.needs_input_grad``
+    (one entry per op argument, a list of flags for a list argument); both True when its layout
+    is not that."""
+    nig = ctx.needs_input_grad
+    if len(nig) != 9:
+        return True, True
+    return _any(nig[0]), _any(nig[2]) or _any(nig[3]) or _any(nig[5])
+
+
+def _backward(ctx, grad_y, grad_z, grad_w_packed, grad_s_packed):
+    x, seg, zflat, w_packed, s_packed, *rest = ctx.saved_tensors
     weights, scales = list(rest[: ctx.L]), list(rest[ctx.L:])
     if grad_y is None:
         grad_y = x.new_zeros(x.shape[0], weights[-1].shape[2])
+    need_dx, need_params = _needs(ctx)
     dx, dw, db, ds = _mlp_bwd_op(
-        grad_y, x, seg, weights, scales, ctx.scale_layers, zflat, ctx.activation, ctx.impl
+        grad_y, x, seg, weights, scales, ctx.scale_layers, zflat, w_packed, s_packed, ctx.activation, ctx.impl,
+        need_dx, need_params,
     )
+    no_grad_b = [] if not ctx.bias_layers else None
+    no_grad_s = [] if not ctx.scale_layers else None
+    if not need_params:
+        return (dx if need_dx else None, None, [None] * ctx.L, [None] * len(ctx.bias_layers), no_grad_b,
+                [None] * len(ctx.scale_layers), no_grad_s, None, None)
     dws, dbs, wo, bo = [], [], 0, 0
     for w in weights:
         E, d_in, d_out = w.shape
@@ -292,9 +319,7 @@ def _backward(ctx, grad_y, grad_z):
     dbs = [dbs[l] for l in ctx.bias_layers]
     dss = [ds[:, l] for l in ctx.scale_layers]
     # an empty int list is flattened like an (empty) tensor list, so its "gradient" is [] too
-    no_grad_b = [] if not ctx.bias_layers else None
-    no_grad_s = [] if not ctx.scale_layers else None
-    return dx, None, dws, dbs, no_grad_b, dss, no_grad_s, None, None
+    return dx if need_dx else None, None, dws, dbs, no_grad_b, dss, no_grad_s, None, None
 
 
 torch.library.register_autograd("fastrp::ensemble_mlp_fwd", _backward, setup_context=_setup_context)
@@ -312,7 +337,7 @@ def _apply(
     """Run the registered op on validated rows; returns ``y [R, d_L]``."""
     bias_layers = [l for l, b in enumerate(biases) if b is not None]
     scale_layers = [l for l, s in enumerate(scales) if s is not None]
-    y, _ = _mlp_fwd_op(
+    y, _, _, _ = _mlp_fwd_op(
         x2d, seg, list(weights),
         [biases[l] for l in bias_layers], bias_layers,
         [scales[l] for l in scale_layers], scale_layers,
@@ -325,29 +350,11 @@ def _apply(
 # validation
 
 
-def _value_checks_allowed(t: torch.Tensor) -> bool:
-    """Data-dependent checks read values back to the host: skipped while torch.compile traces and
-    while a CUDA graph is being captured (both forbid the sync)."""
-    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    if fn is not None and fn():
-        return False
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
-def _check_list(name: str, seq, L: int) -> list:
-    if not isinstance(seq, (list, tuple)):
-        raise ValueError(f"{name} must be a list of {L} entries (one per layer), got {type(seq).__name__}")
-    if len(seq) != L:
-        raise ValueError(f"{name} must have {L} entries (one per layer, like weights), got {len(seq)}")
-    return list(seq)
-
-
 def _validate(x, weights, biases, scales, activation, members):
     """Check every argument; returns ``(E, widths, biases, scales)`` with None lists expanded."""
     check_activation(activation)
     if not isinstance(weights, (list, tuple)) or len(weights) == 0:
         raise ValueError("weights must be a non-empty list of [E, d_l, d_{l+1}] tensors")
-    L = len(weights)
     grouped = members is not None
     x_layout = "[B, in] (members given)" if grouped else "[E, B, in]"
     check_tensor("x", x, ndim=2 if grouped else 3, what=x_layout)
@@ -358,30 +365,28 @@ def _validate(x, weights, biases, scales, activation, members):
         raise ValueError(f"weights[0] must have at least one member (E >= 1), got shape {tuple(w0.shape)}")
     if not grouped and x.shape[0] != E:
         raise ValueError(f"x must have shape [E={E}, B, in] (E from weights[0]), got shape {tuple(x.shape)}")
-    widths = [x.shape[-1]]
-    for l, w in enumerate(weights):
-        check_tensor(f"weights[{l}]", w, shape=[E, widths[-1], None], device=dev,
-                     what=f"[E={E}, d_{l}={widths[-1]}, d_{l + 1}] (E from weights[0], d_{l} from the previous layer)")
-        if w.dtype != dtype:
-            raise ValueError(f"weights[{l}] must have the same dtype as x ({dtype}), got {w.dtype}")
-        widths.append(w.shape[2])
-    biases = [None] * L if biases is None else _check_list("biases", biases, L)
-    scales = [None] * L if scales is None else _check_list("scales", scales, L)
-    for l in range(L):
-        if biases[l] is not None:
-            check_tensor(f"biases[{l}]", biases[l], shape=[E, widths[l + 1]], dtypes=[dtype], device=dev,
-                         what=f"[E={E}, d_{l + 1}={widths[l + 1]}] like x's dtype")
-        if scales[l] is not None:
-            check_tensor(f"scales[{l}]", scales[l], shape=[E], dtypes=[dtype], device=dev,
-                         what=f"[E={E}] like x's dtype")
+    widths, biases, scales = check_layers(weights, biases, scales, E, x.shape[-1], dtype, dev)
     if grouped:
         check_tensor("members", members, shape=[x.shape[0]], dtypes=[torch.int64], device=dev,
                      what=f"[B={x.shape[0]}] int64 member index per row of x")
-        if members.numel() and _value_checks_allowed(members):
-            lo, hi = int(members.min()), int(members.max())
-            if lo < 0 or hi >= E:
-                raise ValueError(f"members must lie in [0, E={E}), got values in [{lo}, {hi}]")
+        _check_members_range(members, E)
     return E, widths, biases, scales
+
+
+def _check_members_range(members: torch.Tensor, E: int) -> None:
+    """``members`` must lie in ``[0, E)``. With a host read allowed on CPU: one ``aminmax`` read
+    and a ``ValueError``. On CUDA, and while torch.compile traces or a CUDA graph is captured, a
+    device-side ``torch._assert_async`` (no host sync; a failure surfaces as a device-side assert
+    error, on CPU as a ``RuntimeError``): rows with a member out of range are never computed on
+    uninitialised memory silently."""
+    if members.numel() == 0:
+        return
+    if members.is_cuda or not value_checks_allowed(members):
+        torch._assert_async(((members >= 0) & (members < E)).all(), "members must lie in [0, E)")
+        return
+    lo, hi = torch.stack(torch.aminmax(members)).tolist()
+    if lo < 0 or hi >= E:
+        raise ValueError(f"members must lie in [0, E={E}), got values in [{lo}, {hi}]")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,7 +412,9 @@ def ensemble_mlp(
         scales: None, or ``L`` entries each ``[E]`` or None: per-member multipliers of the layer's
             matmul, e.g. ``1 / sigma`` from :func:`fastrp.ops.spectral_norm`.
         activation: ``"silu" | "relu" | "tanh"``, applied after every layer but the last.
-        members: optional int64 ``[B]`` in ``[0, E)`` (see below).
+        members: optional int64 ``[B]`` in ``[0, E)`` (see below). Out-of-range values raise a
+            ``ValueError`` on CPU; on CUDA (and under torch.compile) they are checked on the device
+            without a host sync (``torch._assert_async``: a device-side assert error).
         backend: None (auto: ``"triton"`` on CUDA, ``"torch"`` on CPU), ``"triton"`` or
             ``"torch"``. ``"triton"`` also runs on CPU tensors under ``TRITON_INTERPRET=1``.
 
