@@ -1,0 +1,309 @@
+"""Typed trainer configuration, per-env / per-algorithm presets, and the CLI parser built from them.
+
+Precedence, lowest first: the :class:`Config` defaults, ``ALGO_PRESETS[algo]``, ``ENV_PRESETS[env]``,
+``SIZE_PRESETS[preset]``, then every flag given on the command line. The resolved config is what the
+run directory's ``config.json`` holds. ``--help`` prints each field's docstring (read from this
+file's source, so a field and its explanation live on adjacent lines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+ALGOS = ("sac", "mbpo", "maac", "rp-sn", "ddppo", "ddppo-sn")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class Config:
+    # ---- run -------------------------------------------------------------------------------------
+    env: str = "HalfCheetah"
+    """Task: InvertedPendulum, Hopper, Walker2d, HalfCheetah, Ant or Humanoid (gymnasium v5)."""
+    algo: str = "ddppo-sn"
+    """Algorithm: sac, mbpo, maac (RP-DP / SVG(H)), rp-sn (maac + spectral norm), ddppo, ddppo-sn."""
+    preset: str = "paper"
+    """Size preset applied on top of the env and algorithm presets: paper (full size) or tiny (small nets, for tests)."""
+    seed: int = 0
+    """Seed of torch, numpy, python and the environments."""
+    steps: int = 100_000
+    """Total environment steps of the run (a resumed run continues up to this count)."""
+    warmup_steps: int = 5000
+    """Environment steps with uniformly random actions before any update."""
+    device: str = "auto"
+    """Training device: auto (cuda when available), cpu or cuda."""
+    logdir: str = "runs"
+    """Parent folder of the run directories."""
+    run_name: str = ""
+    """Run directory name under logdir (empty: <env>_<algo>_s<seed>_<time>)."""
+    resume: str = ""
+    """Continue the run in this run directory from its last checkpoint (its config is reused; --steps may be raised)."""
+    eval_every: int = 5000
+    """Evaluate the deterministic policy every this many env steps (a multiple of log_every)."""
+    eval_episodes: int = 5
+    """Episodes per evaluation."""
+    log_every: int = 1000
+    """Write a metrics row every this many env steps (host reads the device-side metrics only here)."""
+    checkpoint_every: int = 10_000
+    """Checkpoint every this many env steps (a multiple of log_every); the end of a run is always checkpointed."""
+    max_bad_intervals: int = 3
+    """Stop the run after this many consecutive log intervals in which most updates were non-finite and skipped."""
+    cpu_threads: int = 1
+    """torch intra-op threads (small networks run fastest on one thread; MuJoCo has its own pool)."""
+    progress: bool = True
+    """Print a live progress line on stderr."""
+    compile: bool = False
+    """torch.compile the update closures (for maac / rp-sn / ddppo / ddppo-sn the critic closure only)."""
+    cuda_graphs: bool = False
+    """Capture the compiled update closures in CUDA graphs (mode=reduce-overhead; needs --compile and CUDA)."""
+    fault_nan_at: int = -1
+    """Testing aid: from this env step on, inject NaN into the critic loss (checks the divergence guard); -1 = off."""
+    # ---- SAC ---------------------------------------------------------------------------------------
+    batch_size: int = 256
+    """Minibatch size of the critic and policy updates."""
+    gamma: float = 0.99
+    """Discount factor."""
+    tau: float = 0.005
+    """Polyak rate of the target critic."""
+    actor_lr: float = 3e-4
+    """Policy learning rate (Adam)."""
+    critic_lr: float = 3e-4
+    """Twin-Q learning rate (Adam)."""
+    alpha_lr: float = 3e-4
+    """Temperature learning rate (Adam on log alpha)."""
+    init_alpha: float = 1.0
+    """Initial entropy temperature."""
+    target_entropy_scale: float = 1.0
+    """Target entropy is -target_entropy_scale * act_dim."""
+    hidden_dim: int = 256
+    """Width of the policy and Q hidden layers."""
+    num_layers: int = 2
+    """Hidden layers of the policy and Q networks."""
+    policy_updates: int = 1
+    """Policy (and temperature) updates per env step (G1 of DDPPO's Table 1)."""
+    critic_updates: int = 1
+    """Critic updates per env step (G2 of DDPPO's Table 1)."""
+    policy_spectral_norm: bool = False
+    """Spectral normalization on the policy's hidden layers (RP-PGM's placement)."""
+    # ---- models ------------------------------------------------------------------------------------
+    ensemble_size: int = 7
+    """Members of the prediction (and gradient) ensemble."""
+    num_elites: int = 5
+    """Elite members (lowest holdout loss) used for rollouts."""
+    model_hidden_dim: int = 200
+    """Width of the model's hidden layers."""
+    model_num_layers: int = 4
+    """Hidden layers of the model (SiLU)."""
+    model_lr: float = 1e-3
+    """Model learning rate (Adam)."""
+    model_batch_size: int = 256
+    """Model training minibatch size."""
+    model_train_every: int = 250
+    """Retrain the model(s) every this many env steps."""
+    model_holdout: float = 0.2
+    """Fraction of the data held out to rank elites and stop early."""
+    model_max_epochs: int = 20
+    """Cap on model epochs per retraining (early stopping usually ends sooner)."""
+    model_patience: int = 5
+    """Early stopping: epochs without a 1% holdout improvement before stopping."""
+    model_spectral_norm: bool = False
+    """Spectral normalization on all but the output layer of the model(s) (RP-PGM's placement)."""
+    rollout_batch_size: int = 10_000
+    """Start states per model rollout (MBPO's model buffer)."""
+    rollout_min_len: int = 1
+    """Rollout length before rollout_min_epoch (MBPO schedule; an epoch is 1000 env steps)."""
+    rollout_max_len: int = 1
+    """Rollout length after rollout_max_epoch (linear in between)."""
+    rollout_min_epoch: int = 20
+    """Epoch at which the rollout length starts growing."""
+    rollout_max_epoch: int = 100
+    """Epoch at which the rollout length reaches rollout_max_len."""
+    model_retain_epochs: int = 1
+    """Model buffer keeps the rollouts of this many epochs."""
+    real_ratio: float = 0.05
+    """Fraction of real transitions in a critic minibatch (the rest from the model buffer)."""
+    horizon: int = 3
+    """H: model steps of the policy objective's unroll (paper 003 eq. 11; DDPPO's --H 4 is 3)."""
+    fd_k: int = 10
+    """n: neighbours (directional derivatives) per point in the gradient-model loss."""
+    fd_weight: float = 1.0
+    """w: weight of the directional-derivative loss of the gradient model."""
+    fd_window: int = 10_000
+    """Neighbours are searched among the latest this many transitions."""
+
+
+def _field_docs() -> Dict[str, str]:
+    """Each field's docstring, read from the class source (the string right after the field)."""
+    tree = ast.parse(inspect.getsource(Config))
+    body = tree.body[0].body
+    docs: Dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+# ---- presets as data ------------------------------------------------------------------------------
+# DDPPO Table 1 (paper 003): H, n, w per env; 10 policy + 10 critic updates per env step; 7 members,
+# 5 elites, 4x200 SiLU models retrained every 250 steps. Warm-up 5000 steps (200 for InvertedPendulum).
+# Rollout lengths follow MBPO's configs (Hopper 1 -> 15 over epochs 20 -> 100, Humanoid 1 -> 25 over
+# 20 -> 300, Walker2d / HalfCheetah / Ant / InvertedPendulum fixed). Steps = epochs x 1000. The
+# text of Table 1's n row is garbled in our copy; read as 10 / 25 / 25 / 25 / 5 / 5.
+ENV_PRESETS: Dict[str, Dict[str, object]] = {
+    # InvertedPendulum is sized for a 2-core CPU (10k steps in ~20 min): smaller networks, 1 policy
+    # + 2 critic updates per step (instead of 10 + 10) with 1e-3 learning rates and a low initial
+    # temperature to make up for them, at most 5 model epochs per refit.
+    "InvertedPendulum": dict(steps=15_000, warmup_steps=200, horizon=3, fd_k=10, fd_weight=10.0,
+                             rollout_min_len=1, rollout_max_len=1, eval_every=1000, hidden_dim=64,
+                             model_hidden_dim=64, model_num_layers=3, policy_updates=1, critic_updates=2,
+                             model_max_epochs=5, actor_lr=1e-3, critic_lr=1e-3, alpha_lr=1e-3, init_alpha=0.1),
+    "Hopper": dict(steps=100_000, horizon=2, fd_k=25, fd_weight=50.0,
+                   rollout_min_len=1, rollout_max_len=15, rollout_min_epoch=20, rollout_max_epoch=100),
+    "Walker2d": dict(steps=100_000, horizon=3, fd_k=25, fd_weight=0.1, rollout_min_len=1, rollout_max_len=1),
+    "HalfCheetah": dict(steps=100_000, horizon=3, fd_k=25, fd_weight=1.0, rollout_min_len=1, rollout_max_len=1),
+    "Ant": dict(steps=150_000, horizon=3, fd_k=5, fd_weight=0.1,
+                rollout_min_len=1, rollout_max_len=25, rollout_min_epoch=20, rollout_max_epoch=100),
+    "Humanoid": dict(steps=150_000, horizon=3, fd_k=5, fd_weight=0.1,
+                     rollout_min_len=1, rollout_max_len=25, rollout_min_epoch=20, rollout_max_epoch=300),
+}
+
+# SAC runs 1 update per step (its paper); model-based variants 10 + 10 (DDPPO Table 1). Spectral
+# normalization per RP-PGM: policy hidden layers, model all but the output layer.
+ALGO_PRESETS: Dict[str, Dict[str, object]] = {
+    "sac": dict(policy_updates=1, critic_updates=1),
+    "mbpo": dict(policy_updates=10, critic_updates=10),
+    "maac": dict(policy_updates=10, critic_updates=10),
+    "rp-sn": dict(policy_updates=10, critic_updates=10, policy_spectral_norm=True, model_spectral_norm=True),
+    "ddppo": dict(policy_updates=10, critic_updates=10),
+    "ddppo-sn": dict(policy_updates=10, critic_updates=10, policy_spectral_norm=True, model_spectral_norm=True),
+}
+
+SIZE_PRESETS: Dict[str, Dict[str, object]] = {
+    "paper": {},
+    "tiny": dict(hidden_dim=32, num_layers=2, batch_size=32, ensemble_size=3, num_elites=2, model_hidden_dim=32,
+                 model_num_layers=2, model_batch_size=64, model_train_every=50, model_max_epochs=3,
+                 rollout_batch_size=64, policy_updates=1, critic_updates=1, fd_k=3, fd_window=500,
+                 warmup_steps=50, log_every=50, eval_every=100, eval_episodes=2, checkpoint_every=100),
+}
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+class CliError(Exception):
+    """An invalid command line or config value (reported as one line, exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line on stderr, exit code 2, no usage dump
+        raise CliError(message)
+
+
+def _bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """argparse parser with one ``--flag`` per :class:`Config` field; every default is None so that
+    only the flags actually given override the presets."""
+    parser = _Parser(prog="python -m fastrp.train", allow_abbrev=False,
+                     description="Train SAC / MBPO / MAAC / RP-SN / DDPPO on MuJoCo. Values come from the Config "
+                                 "defaults, then the algorithm, env and size presets, then these flags.")
+    docs = _field_docs()
+    defaults = Config()
+    preset_keys = {k for table in (ENV_PRESETS, ALGO_PRESETS, SIZE_PRESETS) for layer in table.values() for k in layer}
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        note = "; presets set it" if f.name in preset_keys else ""
+        help_text = f"{docs.get(f.name, '')} (default: {default!r}{note})"
+        kind = {"bool": bool, "int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+        kwargs = dict(default=None, help=help_text.replace("%", "%%"))
+        if kind is bool:
+            parser.add_argument(flag, type=_bool, nargs="?", const=True, metavar="BOOL", **kwargs)
+        elif f.name == "algo":
+            parser.add_argument(flag, choices=ALGOS, **kwargs)
+        elif f.name == "device":
+            parser.add_argument(flag, choices=DEVICES, **kwargs)
+        elif f.name == "preset":
+            parser.add_argument(flag, choices=tuple(SIZE_PRESETS), **kwargs)
+        else:
+            parser.add_argument(flag, type=kind, **kwargs)
+    return parser
+
+
+def resolve(overrides: Dict[str, object]) -> Config:
+    """Defaults <- algo preset <- env preset <- size preset <- ``overrides`` (non-None values)."""
+    from fastrp.envs import ENV_NAMES
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    env = str(given.get("env", Config.env))
+    algo = str(given.get("algo", Config.algo))
+    preset = str(given.get("preset", Config.preset))
+    if env not in ENV_PRESETS:
+        raise CliError(f"--env: unknown environment {env!r}; choose from {', '.join(ENV_NAMES)}")
+    if algo not in ALGO_PRESETS:
+        raise CliError(f"--algo: unknown algorithm {algo!r}; choose from {', '.join(ALGOS)}")
+    values: Dict[str, object] = {}
+    for layer in (ALGO_PRESETS[algo], ENV_PRESETS[env], SIZE_PRESETS[preset], given):
+        values.update(layer)
+    cfg = Config(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Raise :class:`CliError` naming the first invalid field."""
+    positive = ["steps", "eval_every", "eval_episodes", "log_every", "checkpoint_every", "max_bad_intervals",
+                "batch_size", "hidden_dim", "num_layers", "ensemble_size", "num_elites", "model_hidden_dim",
+                "model_batch_size", "model_train_every", "model_max_epochs", "model_patience",
+                "rollout_batch_size", "rollout_min_len", "rollout_max_len", "model_retain_epochs", "horizon",
+                "fd_k", "fd_window", "cpu_threads"]
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise CliError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(cfg, name)}")
+    nonneg = ["warmup_steps", "seed", "policy_updates", "critic_updates", "model_num_layers"]
+    for name in nonneg:
+        if getattr(cfg, name) < 0:
+            raise CliError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(cfg, name)}")
+    for name in ("actor_lr", "critic_lr", "alpha_lr", "model_lr", "init_alpha", "tau"):
+        if not getattr(cfg, name) > 0:
+            raise CliError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(cfg, name)}")
+    checks = [
+        (0 < cfg.gamma <= 1, "--gamma: must be in (0, 1]"),
+        (cfg.tau <= 1, "--tau: must be in (0, 1]"),
+        (0 <= cfg.real_ratio <= 1, "--real-ratio: must be in [0, 1]"),
+        (0 < cfg.model_holdout < 1, "--model-holdout: must be in (0, 1)"),
+        (cfg.fd_weight >= 0, "--fd-weight: must be >= 0"),
+        (cfg.num_elites <= cfg.ensemble_size, "--num-elites: must be <= --ensemble-size"),
+        (cfg.rollout_min_len <= cfg.rollout_max_len, "--rollout-min-len: must be <= --rollout-max-len"),
+        (cfg.rollout_min_epoch <= cfg.rollout_max_epoch, "--rollout-min-epoch: must be <= --rollout-max-epoch"),
+        (cfg.eval_every % cfg.log_every == 0, "--eval-every: must be a multiple of --log-every"),
+        (cfg.checkpoint_every % cfg.log_every == 0, "--checkpoint-every: must be a multiple of --log-every"),
+        (not cfg.cuda_graphs or cfg.compile, "--cuda-graphs: needs --compile"),
+        (cfg.device in DEVICES, f"--device: choose from {', '.join(DEVICES)}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise CliError(message)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> Config:
+    """The resolved :class:`Config` for ``argv`` (``sys.argv[1:]`` when None); raises
+    :class:`CliError` on an unknown flag or an invalid value."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    return resolve(vars(args))
+
+
+def given_flags(argv: Sequence[str]) -> List[str]:
+    """Field names set explicitly in ``argv`` (used by ``--resume`` to apply only those)."""
+    args = vars(build_parser().parse_args(list(argv)))
+    return [k for k, v in args.items() if v is not None]
