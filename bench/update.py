@@ -1,0 +1,298 @@
+"""Trainer-update benchmark: the work of one env step of ``ddppo-sn`` on HalfCheetah, in updates/s.
+
+    python bench/update.py                                   # auto device, paper preset
+    python bench/update.py --quick                           # smoke test (tiny preset, seconds)
+    python bench/update.py --device cpu --threads 1 --preset paper --repeats 3 --model-epochs 1 \\
+        --json bench/results/cpu-update.json
+    python bench/update.py --device cuda --json bench/results/h200-update.json
+
+What one "update" is (``fastrp/algos/ddppo.py`` and its bases ``maac.py`` / ``mbpo.py`` /
+``sac.py``, driven by ``fastrp/train.py``): after every env step past warm-up the trainer calls
+``agent.on_env_step`` (every ``model_train_every`` steps: refit the prediction model, refit the
+gradient model, roll the policy out through the prediction model into the model buffer) and
+``agent.update`` (``critic_updates`` critic steps on mixed real/model minibatches, then
+``policy_updates`` policy + temperature steps through the ``horizon``-step unroll, values from the
+prediction model and gradients from the gradient model).  The phases, each its own NVTX range:
+
+* ``model``       ``guarded_fit`` of the prediction ensemble on the whole replay buffer (holdout
+                  early stopping, at most ``model_max_epochs`` epochs) + the model rollout of
+                  ``rollout_batch_size`` start states into the model buffer
+* ``grad_model``  ``guarded_fit`` of the gradient ensemble (NLL + ``fd_weight`` x directional-
+                  derivative loss; kNN over the last ``fd_window`` transitions, forward-mode JVPs)
+* ``critic``      ``critic_updates`` x ``agent._critic_step`` (compiled under ``--compile``)
+* ``policy``      ``policy_updates`` x ``agent._actor_step`` (the unroll, forward + backward)
+
+The two refits happen once per ``model_train_every`` env steps, so one update costs
+``critic + policy + (model + grad_model) / model_train_every``; that amortised sum is the "update"
+of the table (``updates/s`` = env steps/s of the trainer's update work, env stepping excluded).
+Every repeat runs all four phases once, each timed with ``time.perf_counter`` between device
+synchronisations; the table shows median / p20 / p80 over repeats after one warm-up repeat.
+``--model-epochs`` caps the refits' epochs (default: the preset's ``model_max_epochs``), to
+keep CPU runs short; the JSON records the cap.
+
+Providers, in one process, each with its own agent (same seed, same replay buffer):
+
+* ``eager``             every fastrp op on its torch reference backend: each ``EnsembleMLP`` of the
+                        policy, twin Q, prediction and gradient models gets ``backend="torch"``
+                        (dense layers, spectral norm, JVP), and the models' kNN
+                        (``fastrp.nn.model.fd_targets``) is called with ``backend="torch"``
+* ``fastrp``            the trainer as it runs by default (auto backends: Triton / CUDA kernels on
+                        CUDA, C++ kNN and torch dense ops on CPU)
+* ``fastrp-cudagraph``  the trainer's ``--compile --cuda-graphs`` (critic closure compiled with
+                        ``mode="reduce-overhead"``; CUDA only)
+
+The replay buffer holds ``--fill`` real HalfCheetah transitions from ``fastrp.envs`` with uniform
+random actions (as the trainer's warm-up).  On CPU the providers' repeats are interleaved
+round-robin.  A provider that fails prints its error in its row; the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import sys
+import time
+import traceback
+from typing import Callable, Dict, List
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+import fastrp.nn.model as fastrp_model  # noqa: E402
+from fastrp import algos  # noqa: E402
+from fastrp.algos.mbpo import guarded_fit, rollout_length  # noqa: E402
+from fastrp.config import resolve  # noqa: E402
+from fastrp.envs import make, termination_fn  # noqa: E402
+from fastrp.nn.ensemble import EnsembleMLP  # noqa: E402
+from fastrp.rl.buffer import ReplayBuffer  # noqa: E402
+from fastrp.rl.unroll import model_rollout  # noqa: E402
+
+ENV, ALGO = "HalfCheetah", "ddppo-sn"
+ALL_PROVIDERS = ("eager", "fastrp", "fastrp-cudagraph")
+CUDA_ONLY = ("fastrp-cudagraph",)
+PHASES = ("model", "grad_model", "critic", "policy")
+
+
+# --------------------------------------------------------------------------------------------
+# Data and agents
+# --------------------------------------------------------------------------------------------
+def fill_buffer(n: int, device: torch.device, seed: int) -> ReplayBuffer:
+    """``n`` HalfCheetah transitions with uniform random actions (one env, as the warm-up)."""
+    env = make(ENV, 1, seed=seed)
+    env.reset(seed=seed)
+    space = env.single_action_space
+    rng = np.random.default_rng(seed)
+    buffer = ReplayBuffer(env.obs_dim, env.act_dim, n, device)
+    for _ in range(n):
+        tr = env.step_transition(rng.uniform(space.low, space.high)[None].astype(np.float64))
+        buffer.add(tr.obs, tr.action, tr.reward, tr.next_obs, tr.terminated)
+    env.close()
+    return buffer
+
+
+class Runner:
+    """One provider: a ``ddppo-sn`` agent and the four timed phases of one update."""
+
+    def __init__(self, provider: str, base_cfg: dict, buffer: ReplayBuffer, device: torch.device, seed: int):
+        self.provider, self.buffer, self.device = provider, buffer, device
+        graphs = provider == "fastrp-cudagraph"
+        self.cfg = cfg = resolve({**base_cfg, "compile": graphs, "cuda_graphs": graphs})
+        torch.manual_seed(seed)
+        env = make(ENV, 1, seed=seed)
+        space = env.single_action_space
+        self.agent = algos.get(ALGO)(cfg, env.obs_dim, env.act_dim, space.low, space.high, device,
+                                     termination=termination_fn(ENV))
+        env.close()
+        self.eager = provider == "eager"
+        if self.eager:
+            for module in (self.agent.policy, self.agent.critic, self.agent.critic_target, self.agent.model,
+                           self.agent.grad_model):
+                for m in module.modules():
+                    if isinstance(m, EnsembleMLP):
+                        m.backend = "torch"
+        self.step = cfg.warmup_steps  # a refit step of the schedule (rollout length of epoch 5)
+
+    @contextlib.contextmanager
+    def _backends(self):
+        """For ``eager``: the models' kNN on the torch backend (restored afterwards)."""
+        if not self.eager:
+            yield
+            return
+        original = fastrp_model.fd_targets
+        fastrp_model.fd_targets = functools.partial(original, backend="torch")
+        try:
+            yield
+        finally:
+            fastrp_model.fd_targets = original
+
+    # ---- the phases (the bodies of DDPPO.fit_models, MBPO.on_env_step and SAC.update) ---------
+    def model(self) -> None:
+        agent, cfg = self.agent, self.cfg
+        guarded_fit(agent.model, self.buffer, cfg)
+        start = self.buffer.sample(cfg.rollout_batch_size).obs
+        agent.policy.eval()
+        rows = model_rollout(agent.policy, agent.model, start, rollout_length(cfg, self.step), agent.termination)
+        agent.policy.train()
+        finite = torch.ones(rows["reward"].shape[0], dtype=torch.bool, device=self.device)
+        for key in ("obs", "action", "reward", "next_obs"):
+            finite &= torch.isfinite(rows[key].reshape(finite.shape[0], -1)).all(dim=1)
+        kept = {key: value[finite] for key, value in rows.items()}
+        agent.model_buffer.add(kept["obs"], kept["action"], kept["reward"], kept["next_obs"], kept["terminated"])
+
+    def grad_model(self) -> None:
+        cfg = self.cfg
+        fd_k = min(cfg.fd_k, min(cfg.fd_window, len(self.buffer)) - 1)
+        guarded_fit(self.agent.grad_model, self.buffer, cfg, fd_weight=cfg.fd_weight, fd_k=fd_k,
+                    fd_window=cfg.fd_window)
+
+    def critic(self) -> None:
+        for _ in range(self.cfg.critic_updates):
+            self.agent.metrics.add(self.agent._critic_step(self.agent.critic_batch(self.buffer)))
+
+    def policy(self) -> None:
+        for _ in range(self.cfg.policy_updates):
+            self.agent.metrics.add(self.agent._actor_step(self.agent.actor_obs(self.buffer)))
+
+    def repeat(self) -> Dict[str, float]:
+        """One update's four phases; wall ms of each (device synchronised around each)."""
+        out = {}
+        with self._backends():
+            for phase in PHASES:
+                common.synchronize(self.device)
+                t0 = time.perf_counter()
+                with common.nvtx_range(f"{self.provider}/{phase}"):
+                    getattr(self, phase)()
+                common.synchronize(self.device)
+                out[phase] = (time.perf_counter() - t0) * 1e3
+        self.agent.metrics.pop()  # the host read the trainer does once per log interval
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement and report
+# --------------------------------------------------------------------------------------------
+def quantiles(samples: List[float]) -> Dict[str, float]:
+    q = torch.quantile(torch.tensor(samples, dtype=torch.float64), torch.tensor(common.QUANTILES, dtype=torch.float64))
+    return {"median_ms": q[0].item(), "p20_ms": q[1].item(), "p80_ms": q[2].item()}
+
+
+def run(providers: List[str], base_cfg: dict, buffer: ReplayBuffer, device: torch.device, repeats: int,
+        seed: int) -> Dict[str, dict]:
+    """Build each provider, warm it up once, then ``repeats`` round-robin repeats."""
+    results: Dict[str, dict] = {}
+    runners: Dict[str, Runner] = {}
+    for name in providers:
+        if name in CUDA_ONLY and device.type != "cuda":
+            results[name] = {"error": "CUDA only"}
+            continue
+        try:
+            runner = Runner(name, base_cfg, buffer, device, seed)
+            t0 = time.perf_counter()
+            runner.repeat()
+            print(f"  {name}: warm-up {time.perf_counter() - t0:.1f} s", flush=True)
+            runners[name] = runner
+        except Exception as exc:  # noqa: BLE001 - reported in the row
+            traceback.print_exc()
+            results[name] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200]}
+    samples: Dict[str, List[Dict[str, float]]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, runner in list(runners.items()):
+            try:
+                samples[name].append(runner.repeat())
+            except Exception as exc:  # noqa: BLE001
+                traceback.print_exc()
+                results[name] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200]}
+                del runners[name]
+    for name, runner in runners.items():
+        every = runner.cfg.model_train_every
+        per_phase = {p: quantiles([s[p] for s in samples[name]]) for p in PHASES}
+        totals = [s["critic"] + s["policy"] + (s["model"] + s["grad_model"]) / every for s in samples[name]]
+        total = quantiles(totals)
+        results[name] = {"phases": per_phase, "update": total, "updates_per_s": 1e3 / total["median_ms"],
+                         "repeats": len(totals)}
+    return {name: results[name] for name in providers}
+
+
+def report(results: Dict[str, dict], every: int) -> str:
+    eager = results.get("eager", {}).get("update", {}).get("median_ms")
+    rows = []
+    for name, r in results.items():
+        if "error" in r:
+            rows.append({"provider": name, "update ms (p20-p80)": r["error"]})
+            continue
+        u, ph = r["update"], r["phases"]
+        rows.append({
+            "provider": name,
+            "update ms (p20-p80)": f"{common.fmt_ms(u['median_ms'])} ({common.fmt_ms(u['p20_ms'])}-{common.fmt_ms(u['p80_ms'])})",
+            "updates/s": f"{r['updates_per_s']:.3g}",
+            "vs eager": f"{eager / u['median_ms']:.2f}x" if eager else "-",
+            f"model fit+rollout ms (/{every})": common.fmt_ms(ph["model"]["median_ms"]),
+            f"grad-model fit ms (/{every})": common.fmt_ms(ph["grad_model"]["median_ms"]),
+            "critic ms": common.fmt_ms(ph["critic"]["median_ms"]),
+            "policy ms": common.fmt_ms(ph["policy"]["median_ms"]),
+        })
+    columns = ["provider", "update ms (p20-p80)", "updates/s", "vs eager", f"model fit+rollout ms (/{every})",
+               f"grad-model fit ms (/{every})", "critic ms", "policy ms"]
+    return common.format_table(rows, columns)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--providers", default=",".join(ALL_PROVIDERS), help=f"comma list of {', '.join(ALL_PROVIDERS)}")
+    parser.add_argument("--preset", choices=("paper", "tiny"), default="paper", help="fastrp.config size preset")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per provider (after one warm-up)")
+    parser.add_argument("--fill", type=int, default=5000, help="random-action HalfCheetah transitions in the buffer")
+    parser.add_argument("--model-epochs", type=int, default=None,
+                        help="cap on the refits' epochs (default: the preset's model_max_epochs)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="tiny preset, small buffer, 2 repeats (seconds)")
+    parser.add_argument("--json", default=None, help="write the results to this path")
+    args = parser.parse_args(argv)
+
+    if args.quick:
+        args.preset, args.fill, args.repeats = "tiny", 600, 2
+    providers = common.parse_list(args.providers, str)
+    unknown = [p for p in providers if p not in ALL_PROVIDERS]
+    if unknown:
+        parser.error(f"--providers: unknown {', '.join(unknown)}; choose from {', '.join(ALL_PROVIDERS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = common.pick_device(args.device)
+    base_cfg = {"env": ENV, "algo": ALGO, "preset": args.preset, "device": device.type, "seed": args.seed}
+    if args.model_epochs is not None:
+        base_cfg["model_max_epochs"] = args.model_epochs
+    if args.quick:
+        base_cfg["rollout_batch_size"] = 64
+    cfg = resolve(base_cfg)
+
+    print(f"# {ALGO} {ENV} update, preset {args.preset}, {common.device_name(device)}")
+    print(f"# {cfg.critic_updates} critic + {cfg.policy_updates} policy steps per update, batch {cfg.batch_size}, "
+          f"H {cfg.horizon}; model refits every {cfg.model_train_every} steps (<= {cfg.model_max_epochs} epochs, "
+          f"{cfg.ensemble_size}x{cfg.model_num_layers}x{cfg.model_hidden_dim}, fd_k {cfg.fd_k}), "
+          f"rollout batch {cfg.rollout_batch_size}; buffer {args.fill} random-action transitions")
+    t0 = time.perf_counter()
+    buffer = fill_buffer(args.fill, device, args.seed)
+    print(f"  buffer filled in {time.perf_counter() - t0:.1f} s", flush=True)
+    results = run(providers, base_cfg, buffer, device, args.repeats, args.seed)
+    print()
+    print(report(results, cfg.model_train_every))
+    print(f"\nupdate = critic + policy + (model + grad_model) / {cfg.model_train_every}; median over "
+          f"{args.repeats} repeats (p20-p80); phase columns are medians of one occurrence.")
+    if args.json:
+        out = [{"provider": name, **r} for name, r in results.items()]
+        common.write_json(args.json, device, out, algo=ALGO, env=ENV, preset=args.preset, fill=args.fill,
+                          repeats=args.repeats, model_max_epochs=cfg.model_max_epochs,
+                          model_train_every=cfg.model_train_every, critic_updates=cfg.critic_updates,
+                          policy_updates=cfg.policy_updates, batch_size=cfg.batch_size, horizon=cfg.horizon)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
