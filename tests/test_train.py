@@ -152,7 +152,9 @@ def test_bad_cli_subprocess_exit_code_and_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fastrp.train", "--env", "Nope", "--logdir", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "unknown environment 'Nope'" in proc.stderr
+    # the one-time notice of a missing compiled extension (FASTRP_DISABLE_EXT=1 runs) is not the error
+    lines = [ln for ln in proc.stderr.strip().splitlines() if "fastrp._C not available" not in ln]
+    assert len(lines) == 1 and "unknown environment 'Nope'" in lines[0]
     assert "Traceback" not in proc.stderr
 
 
