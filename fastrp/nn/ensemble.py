@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +118,7 @@ class EnsembleMLP(nn.Module):
         for layer in self.sn_layers:
             self.register_buffer(f"sn_u_{layer}", torch.empty(E, self.dims[layer + 1]))
             self.register_buffer(f"sn_v_{layer}", torch.empty(E, self.dims[layer]))
+        self._scale_cache: Optional[List[Optional[torch.Tensor]]] = None
         self.reset_parameters()
 
     # ------------------------------------------------------------------------------------------
@@ -173,10 +175,28 @@ class EnsembleMLP(nn.Module):
         buffers, exactly as :meth:`forward` does."""
         if not self.sn_layers:
             return None
+        if self._scale_cache is not None:
+            return self._scale_cache
         scales: List[Optional[torch.Tensor]] = [None] * (self.num_layers + 1)
         for layer, sigma in zip(self.sn_layers, self._sigmas(update=self.training)):
             scales[layer] = sigma.reciprocal()
         return scales
+
+    @contextlib.contextmanager
+    def cached_scales(self) -> Iterator[None]:
+        """Inside the block every forward reuses one set of spectral-norm scales, computed on
+        entry (one power iteration in training mode, as a single forward would run), like
+        ``torch.nn.utils.parametrize.cached()``. For several forwards with unchanged weights, e.g.
+        the steps of a policy unroll; the scales stay in the autograd graph, so gradients through
+        ``1 / sigma`` are those of the uncached forwards. Nesting keeps the outer cache."""
+        if not self.sn_layers or self._scale_cache is not None:
+            yield
+            return
+        self._scale_cache = self.scales()
+        try:
+            yield
+        finally:
+            self._scale_cache = None
 
     def spectral_norm_sigmas(self) -> Dict[int, torch.Tensor]:
         """``{layer: sigma[E]}`` for the normalized layers, as eval mode computes them from the

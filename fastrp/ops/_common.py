@@ -113,6 +113,20 @@ def is_compiling() -> bool:
     return bool(fn is not None and fn())
 
 
+_FORCE_CUSTOM_OPS = os.environ.get("FASTRP_CPU_CUSTOM_OPS", "") not in ("", "0")
+
+
+def eager_autograd(backend: Optional[str], impl: str, t: torch.Tensor) -> bool:
+    """Whether an op with automatic backend choice (``backend=None``) should run its torch
+    formulas under plain autograd instead of through its registered custom op: on CPU, outside
+    torch.compile. There the custom op's Python dispatch and explicit backward cost a few hundred
+    microseconds per call, more than the whole op at the network sizes of RL on CPU, and autograd
+    through the same formulas is the fastest correct choice. ``FASTRP_CPU_CUSTOM_OPS=1`` forces
+    the registered op (an explicit ``backend="torch"`` always uses it)."""
+    return (backend is None and impl == "torch" and t.device.type == "cpu" and not _FORCE_CUSTOM_OPS
+            and not is_compiling())
+
+
 def value_checks_allowed(t: torch.Tensor) -> bool:
     """Whether a data-dependent check may read ``t``'s values back to the host: not while
     torch.compile traces, nor while a CUDA graph is being captured (both forbid the sync)."""

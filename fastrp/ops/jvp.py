@@ -32,7 +32,7 @@ import torch
 from ._common import act as _act
 from ._common import act_d1 as _act_d1
 from ._common import act_d2 as _act_d2
-from ._common import check_activation, check_layers, check_tensor, resolve_backend
+from ._common import check_activation, check_layers, check_tensor, eager_autograd, resolve_backend
 
 __all__ = ["ensemble_mlp_jvp", "ensemble_mlp_jvp_ref"]
 
@@ -320,6 +320,8 @@ def ensemble_mlp_jvp(
     """
     weights, biases, scales = _normalize_args(x, tangents, weights, biases, scales, activation)
     chosen = resolve_backend(_OP, backend, x.device, _BACKENDS)
+    if eager_autograd(backend, chosen, x):
+        return _recurrence(x, tangents, weights, biases, scales, activation)
     bs, has_bias = _present(biases)
     ss, has_scale = _present(scales)
     return _jvp_op(x, tangents, weights, bs, ss, has_bias, has_scale, activation, chosen)

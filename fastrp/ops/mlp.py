@@ -29,6 +29,7 @@ from ._common import (
     check_activation,
     check_layers,
     check_tensor,
+    eager_autograd,
     resolve_backend,
     value_checks_allowed,
 )
@@ -415,8 +416,10 @@ def ensemble_mlp(
         members: optional int64 ``[B]`` in ``[0, E)`` (see below). Out-of-range values raise a
             ``ValueError`` on CPU; on CUDA (and under torch.compile) they are checked on the device
             without a host sync (``torch._assert_async``: a device-side assert error).
-        backend: None (auto: ``"triton"`` on CUDA, ``"torch"`` on CPU), ``"triton"`` or
-            ``"torch"``. ``"triton"`` also runs on CPU tensors under ``TRITON_INTERPRET=1``.
+        backend: None (auto: ``"triton"`` on CUDA; on CPU the torch formulas under plain
+            autograd, see :func:`fastrp.ops._common.eager_autograd`), ``"triton"`` or ``"torch"``
+            (the registered op with its explicit backward). ``"triton"`` also runs on CPU tensors
+            under ``TRITON_INTERPRET=1``.
 
     Returns:
         ``[E, B, d_L]`` (``[B, d_L]`` with ``members``) where layer ``l`` computes
@@ -437,6 +440,10 @@ def ensemble_mlp(
     """
     E, widths, biases, scales = _validate(x, weights, biases, scales, activation, members)
     impl = resolve_backend("ensemble_mlp", backend, x.device, _BACKENDS)
+    if eager_autograd(backend, impl, x):
+        if members is None:
+            return ensemble_mlp_ref(x, weights, biases, scales, activation)
+        return _grouped_autograd(x, members, weights, biases, scales, activation)
     if members is None:
         B = x.shape[1]
         y = _apply(x.reshape(E * B, widths[0]), None, weights, biases, scales, activation, impl)
@@ -446,6 +453,29 @@ def ensemble_mlp(
     seg = torch.searchsorted(sorted_members, torch.arange(E + 1, device=x.device, dtype=members.dtype))
     y_sorted = _apply(x.index_select(0, order), seg, weights, biases, scales, activation, impl)
     return y_sorted.new_empty(R, widths[-1]).index_copy(0, order, y_sorted)
+
+
+def _grouped_autograd(x, members, weights, biases, scales, activation) -> torch.Tensor:
+    """CPU path of the grouped call under plain autograd: rows sorted by member, each member's
+    MLP on its own rows only (one host read of the per-member counts, fine on CPU)."""
+    E = weights[0].shape[0]
+    order = torch.argsort(members, stable=True)
+    counts = torch.bincount(members, minlength=E).tolist()
+    outs = []
+    for e, h in enumerate(x.index_select(0, order).split(counts)):
+        for l, w in enumerate(weights):
+            if scales[l] is None and biases[l] is not None:
+                h = torch.addmm(biases[l][e], h, w[e])
+            else:
+                h = h @ w[e]
+                if scales[l] is not None:
+                    h = h * scales[l][e]
+                if biases[l] is not None:
+                    h = h + biases[l][e]
+            if l < len(weights) - 1:
+                h = _act(h, activation)
+        outs.append(h)
+    return torch.cat(outs).index_select(0, torch.argsort(order))
 
 
 def ensemble_mlp_ref(

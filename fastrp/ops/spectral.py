@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._common import check_tensor, resolve_backend
+from ._common import check_tensor, eager_autograd, resolve_backend
 
 __all__ = ["spectral_norm", "spectral_norm_layers", "spectral_norm_ref"]
 
@@ -222,7 +222,10 @@ def spectral_norm(
     """
     _check_layer("", weight, v, u, None, None)
     _check_scalars(n_power_iterations, eps)
-    backend = resolve_backend("spectral_norm", backend, weight.device, _SUPPORTED)
+    impl = resolve_backend("spectral_norm", backend, weight.device, _SUPPORTED)
+    if eager_autograd(backend, impl, weight):
+        return spectral_norm_ref(weight, v, int(n_power_iterations), float(eps), u=u)
+    backend = impl
     return _spectral_norm_op(weight, v, u, int(n_power_iterations), float(eps), backend)
 
 
@@ -262,7 +265,12 @@ def spectral_norm_layers(
     for layer, (weight, v) in enumerate(zip(weights, vs)):
         ref = None if layer == 0 else first
         _check_layer(f"s[{layer}]", weight, v, None if us is None else us[layer], None if layer == 0 else first.shape[0], ref)
-    backend = resolve_backend("spectral_norm_layers", backend, first.device, _SUPPORTED)
+    impl = resolve_backend("spectral_norm_layers", backend, first.device, _SUPPORTED)
+    if eager_autograd(backend, impl, first):
+        out = [spectral_norm_ref(w, v, int(n_power_iterations), float(eps), u=None if us is None else us[layer])
+               for layer, (w, v) in enumerate(zip(weights, vs))]
+        return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
+    backend = impl
     sigmas, us_out, vs_out = _spectral_norm_layers_op(
         list(weights), list(vs), [] if us is None else list(us), int(n_power_iterations), float(eps), backend
     )
