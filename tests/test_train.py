@@ -168,6 +168,18 @@ def test_resume_errors(tmp_path, capsys):
     assert "already at env step 100" in capsys.readouterr().err
     assert run_main(tmp_path, "--algo", "sac", "--steps", "100", "--run-name", "r") == 2
     assert "already holds a run" in capsys.readouterr().err
+    # a checkpoint from a version without observation normalisation: one line, exit 2, config kept
+    path = tmp_path / "r" / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    del state["config"]["obs_norm"]
+    for key in ("policy", "critic", "critic_target"):
+        state["agent"][key] = {k: v for k, v in state["agent"][key].items() if not k.startswith("obs_normalizer.")}
+    torch.save(state, path)
+    config_before = (tmp_path / "r" / "config.json").read_text()
+    assert train.main(["--resume", str(tmp_path / "r"), "--steps", "200"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the networks" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "r" / "config.json").read_text() == config_before
 
 
 def test_help_documents_every_field():

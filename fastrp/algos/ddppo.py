@@ -36,7 +36,7 @@ class DDPPO(MAAC):
         cfg = self.cfg
         fd_k = min(cfg.fd_k, min(cfg.fd_window, len(buffer)) - 1)  # fewer neighbours while the buffer is tiny
         stats, ok = guarded_fit(self.grad_model, buffer, cfg, fd_weight=cfg.fd_weight, fd_k=fd_k,
-                                fd_window=cfg.fd_window)
+                                fd_window=cfg.fd_window, fd_batch_size=cfg.fd_batch_size)
         out["grad_model_fd_loss"] = stats["fd_loss"]
         out["model_fits_skipped"] += float(not ok)
         return out

@@ -13,6 +13,7 @@ Lipschitz constants that the RP gradient's variance grows with.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -41,14 +42,25 @@ class MAAC(MBPO):
         return buffer.sample(self.cfg.batch_size).obs
 
     def actor_objective(self, obs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
-        frozen = [m for m in (self.critic, self.model, self.gradient_model()) if m is not None]
+        models = [m for m in (self.model, self.gradient_model()) if m is not None]
+        frozen = [self.critic] + models
         for m in frozen:  # only the policy is differentiated: no graph through the other weights
             m.requires_grad_(False)
+        for m in models:  # the models' spectral-norm vectors belong to model training: eval mode
+            m.eval()
         try:
-            loss, info = imagined_objective(self.policy, self.model, self.critic, obs, self.cfg.horizon, self.cfg.gamma,
-                                            self.alpha, self.termination, grad_model=self.gradient_model())
+            with contextlib.ExitStack() as stack:  # each network's SN scales computed once per update
+                for module in [self.policy] + models:
+                    net = getattr(module, "net", None)
+                    if hasattr(net, "cached_scales"):
+                        stack.enter_context(net.cached_scales())
+                loss, info = imagined_objective(self.policy, self.model, self.critic, obs, self.cfg.horizon,
+                                                self.cfg.gamma, self.alpha, self.termination,
+                                                grad_model=self.gradient_model())
         finally:
             for m in frozen:
                 m.requires_grad_(True)
+            for m in models:
+                m.train()
         extra = {"model_return": info["return"], "imagined_alive": info["alive"]}
         return loss, -info["entropy"], extra

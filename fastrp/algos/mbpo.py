@@ -50,7 +50,8 @@ def guarded_fit(model: ProbabilisticEnsemble, buffer: ReplayBuffer, cfg, **fd) -
     data = buffer.latest(len(buffer))
     backup = copy.deepcopy(model.state_dict())
     stats = model.fit(data.obs, data.action, data.next_obs, data.reward, holdout_ratio=cfg.model_holdout,
-                      max_epochs=cfg.model_max_epochs, batch_size=cfg.model_batch_size, patience=cfg.model_patience,
+                      max_epochs=cfg.model_max_epochs, max_steps=cfg.model_max_steps or None,
+                      batch_size=cfg.model_batch_size, patience=cfg.model_patience,
                       **fd)
     ok = finite_module(model) and math.isfinite(stats["train_nll"]) and math.isfinite(stats["fd_loss"])
     if not ok:
@@ -86,7 +87,9 @@ class MBPO(SAC):
         length = rollout_length(cfg, step)
         start = buffer.sample(cfg.rollout_batch_size).obs
         self.policy.eval()
+        self.model.eval()  # stored SN vectors: the rollout must not move the model's power iteration
         rows = model_rollout(self.policy, self.model, start, length, self.termination)
+        self.model.train()
         self.policy.train()
         finite = torch.ones(rows["reward"].shape[0], dtype=torch.bool, device=self.device)
         for key in ("obs", "action", "reward", "next_obs"):

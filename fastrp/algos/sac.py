@@ -16,6 +16,7 @@ import torch
 from fastrp.algos.common import DeviceMetrics, finite_module, guarded_step, make_adam, maybe_compile, soft_update
 from fastrp.config import Config
 from fastrp.nn.critic import TwinQ
+from fastrp.nn.normalizer import RunningNormalizer
 from fastrp.nn.policy import TanhGaussianPolicy
 from fastrp.rl.buffer import Batch, ReplayBuffer
 
@@ -39,11 +40,16 @@ class SAC:
         self.obs_dim, self.act_dim = obs_dim, act_dim
         low = torch.as_tensor(action_low, dtype=torch.float32)
         high = torch.as_tensor(action_high, dtype=torch.float32)
+        # RP-PGM's observation normalisation (running mean / std of every real observation, std
+        # clipped to [0.1, 10]), shared by the policy, the critic and the target critic
+        self.obs_normalizer = RunningNormalizer(obs_dim, clip_std=(0.1, 10.0)).to(device) if cfg.obs_norm else None
         self.policy = TanhGaussianPolicy(obs_dim, act_dim, cfg.hidden_dim, cfg.num_layers,
                                          spectral_norm=cfg.policy_spectral_norm, action_scale=((high - low) / 2).tolist(),
-                                         action_bias=((high + low) / 2).tolist()).to(device)
-        self.critic = TwinQ(obs_dim, act_dim, cfg.hidden_dim, cfg.num_layers).to(device)
+                                         action_bias=((high + low) / 2).tolist(),
+                                         obs_normalizer=self.obs_normalizer).to(device)
+        self.critic = TwinQ(obs_dim, act_dim, cfg.hidden_dim, cfg.num_layers, obs_normalizer=self.obs_normalizer).to(device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.critic_target.obs_normalizer = self.obs_normalizer  # shared, not a frozen copy
         self.log_alpha = torch.tensor(float(cfg.init_alpha), device=device).log().requires_grad_(True)
         self.target_entropy = -cfg.target_entropy_scale * act_dim
         self.actor_opt = make_adam(self.policy.parameters(), cfg.actor_lr, device)
@@ -110,10 +116,13 @@ class SAC:
 
     # ---- schedule ------------------------------------------------------------------------------
     def on_env_step(self, step: int, buffer: ReplayBuffer) -> Dict[str, float]:
-        """Hook after every env step (model training in the model-based algorithms). Returns host
-        metrics produced at this step (empty for SAC)."""
+        """Hook after every env step: the observation statistics take in the new real observation
+        (model training in the model-based algorithms). Returns host metrics produced at this step
+        (empty for SAC)."""
         if self.cfg.fault_nan_at >= 0 and step >= self.cfg.fault_nan_at:
             self.fault.fill_(float("nan"))
+        if self.obs_normalizer is not None:
+            self.obs_normalizer.update(buffer.latest(1).obs)
         return {}
 
     def update(self, step: int, buffer: ReplayBuffer) -> None:

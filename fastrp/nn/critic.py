@@ -23,6 +23,8 @@ class TwinQ(nn.Module):
         hidden_dim, num_layers: ``num_layers`` hidden layers of ``hidden_dim`` units per network.
         activation: ``"relu"`` (default), ``"silu"`` or ``"tanh"``.
         backend: forwarded to the fastrp ops (``None`` picks the fastest for the device).
+        obs_normalizer: optional shared :class:`fastrp.nn.RunningNormalizer` over observations
+            (the networks see ``(obs - mean) / std``; actions enter as they are).
 
     ``self.net`` is the ``E = 2`` ensemble: member 0 is ``Q1``, member 1 is ``Q2``.
     """
@@ -35,17 +37,21 @@ class TwinQ(nn.Module):
         num_layers: int = 2,
         activation: str = "relu",
         backend: Optional[str] = None,
+        obs_normalizer: Optional[nn.Module] = None,
     ):
         super().__init__()
         self.obs_dim, self.act_dim = int(obs_dim), int(act_dim)
         self.net = EnsembleMLP(obs_dim + act_dim, 1, hidden_dim, num_layers, 2, activation=activation,
                                spectral_norm="none", backend=backend)
+        self.obs_normalizer = obs_normalizer
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(q1[B], q2[B])`` for ``obs[B, obs_dim]`` and ``action[B, act_dim]``."""
         check_tensor("obs", obs, shape=(None, self.obs_dim), what="[B, obs_dim]")
         check_tensor("action", action, shape=(obs.shape[0], self.act_dim), dtypes=(obs.dtype,), device=obs.device,
                      what="[B, act_dim] (same B, dtype and device as obs)")
+        if self.obs_normalizer is not None:
+            obs = self.obs_normalizer.normalize(obs)
         x = torch.cat([obs, action], dim=-1)
         q = self.net(x)
         return q[0, :, 0], q[1, :, 0]

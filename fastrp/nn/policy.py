@@ -35,6 +35,9 @@ class TanhGaussianPolicy(nn.Module):
             sequence of ``act_dim`` values: ``(high - low) / 2`` and ``(high + low) / 2``).
         n_power_iterations: power iterations per training-mode forward when ``spectral_norm``.
         backend: forwarded to the fastrp ops (``None`` picks the fastest for the device).
+        obs_normalizer: optional :class:`fastrp.nn.RunningNormalizer` over observations; the
+            network then sees ``(obs - mean) / std`` (RP-PGM's observation normalisation). The
+            module is shared, not copied: its owner updates the statistics.
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class TanhGaussianPolicy(nn.Module):
         action_bias: Union[float, Sequence[float]] = 0.0,
         n_power_iterations: int = 1,
         backend: Optional[str] = None,
+        obs_normalizer: Optional[nn.Module] = None,
     ):
         super().__init__()
         lo, hi = (float(b) for b in log_std_bounds)
@@ -74,10 +78,13 @@ class TanhGaussianPolicy(nn.Module):
             raise ValueError(f"action_scale must be positive, got {action_scale}")
         self.register_buffer("action_scale", scale)
         self.register_buffer("action_bias", bias)
+        self.obs_normalizer = obs_normalizer
 
     def distribution(self, obs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(mean[B, act], log_std[B, act])`` of the pre-tanh Gaussian for ``obs[B, obs_dim]``."""
         check_tensor("obs", obs, shape=(None, self.obs_dim), what="[B, obs_dim]")
+        if self.obs_normalizer is not None:
+            obs = self.obs_normalizer.normalize(obs)
         out = self.net(obs)[0]
         mean, raw = out.split(self.act_dim, dim=-1)
         lo, hi = self.log_std_bounds

@@ -125,7 +125,8 @@ def imagined_objective(
         noise = None
         if not deterministic_model:
             noise = torch.randn(B, pred_model.out_dim, generator=generator, device=dev, dtype=dtype)
-        next_obs, reward = _model_step(pred_model, obs, act, members, reward_fn, deterministic_model, noise)
+        with torch.set_grad_enabled(grad_model is None and torch.is_grad_enabled()):
+            next_obs, reward = _model_step(pred_model, obs, act, members, reward_fn, deterministic_model, noise)
         if grad_model is not None:
             g_obs, g_reward = _model_step(grad_model, obs, act, members, reward_fn, deterministic_model, noise)
             next_obs = next_obs.detach() + g_obs - g_obs.detach()
