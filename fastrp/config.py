@@ -88,6 +88,8 @@ class Config:
     """Policy (and temperature) updates per env step (G1 of DDPPO's Table 1)."""
     critic_updates: int = 1
     """Critic updates per env step (G2 of DDPPO's Table 1)."""
+    obs_norm: bool = True
+    """Normalise the observations the policy and critic see by running mean / std over every real observation (std clipped to [0.1, 10]; RP-PGM)."""
     policy_spectral_norm: bool = False
     """Spectral normalization on the policy's hidden layers (RP-PGM's placement)."""
     # ---- models ------------------------------------------------------------------------------------
@@ -109,6 +111,8 @@ class Config:
     """Fraction of the data held out to rank elites and stop early."""
     model_max_epochs: int = 20
     """Cap on model epochs per retraining (early stopping usually ends sooner)."""
+    model_max_steps: int = 0
+    """Cap on gradient steps per model refit (0 = no cap; for CPU-sized presets)."""
     model_patience: int = 5
     """Early stopping: epochs without a 1% holdout improvement before stopping."""
     model_spectral_norm: bool = False
@@ -135,6 +139,23 @@ class Config:
     """w: weight of the directional-derivative loss of the gradient model."""
     fd_window: int = 10_000
     """Neighbours are searched among the latest this many transitions."""
+    fd_batch_size: int = 256
+    """Query points of the directional-derivative loss per gradient-model step (each brings fd_k tangents)."""
+    # ---- diagnostics -------------------------------------------------------------------------------
+    diag_every: int = 10_000
+    """Run the gradient diagnostics (fastrp.diagnostics) every this many env steps after warm-up, rows in <run_dir>/diagnostics.csv (a multiple of log_every; 0 = off)."""
+    diag_states: int = 1024
+    """Gradient variance: real start states drawn once per pass from the replay buffer (the fixed pool)."""
+    diag_batch: int = 64
+    """Gradient variance: start states per minibatch (drawn with replacement from the pool)."""
+    diag_samples: int = 10
+    """Gradient variance: independent minibatch gradients per unroll length H (>= 2)."""
+    diag_max_horizon: int = 10
+    """Gradient variance: unroll lengths H = 1 .. diag_max_horizon."""
+    diag_transitions: int = 256
+    """Model gradient error: held-out real transitions from fresh rollouts of the current policy."""
+    diag_rollout_steps: int = 200
+    """Model gradient error: length of those fresh rollouts (transitions are drawn uniformly from them)."""
 
 
 def _field_docs() -> Dict[str, str]:
@@ -155,13 +176,16 @@ def _field_docs() -> Dict[str, str]:
 # 20 -> 300, Walker2d / HalfCheetah / Ant / InvertedPendulum fixed). Steps = epochs x 1000. The
 # text of Table 1's n row is garbled in our copy; read as 10 / 25 / 25 / 25 / 5 / 5.
 ENV_PRESETS: Dict[str, Dict[str, object]] = {
-    # InvertedPendulum is sized for a 2-core CPU (10k steps in ~20 min): smaller networks, 1 policy
-    # + 2 critic updates per step (instead of 10 + 10) with 1e-3 learning rates and a low initial
-    # temperature to make up for them, at most 5 model epochs per refit.
-    "InvertedPendulum": dict(steps=15_000, warmup_steps=200, horizon=3, fd_k=10, fd_weight=10.0,
+    # InvertedPendulum is sized for a 2-core CPU (10k steps in well under 20 min): smaller networks
+    # (64 wide, 3 x 64 models), 1 policy + 4 critic updates per step (instead of 10 + 10) with 1e-3
+    # learning rates, a faster target (tau 0.01) and a low initial temperature to make up for them;
+    # model refits capped at 30 epochs / 200 steps, 64 FD queries per gradient-model step, and half
+    # of each critic batch real (the critic leans less on the young model).
+    "InvertedPendulum": dict(steps=10_000, warmup_steps=200, horizon=3, fd_k=10, fd_weight=10.0,
                              rollout_min_len=1, rollout_max_len=1, eval_every=1000, hidden_dim=64,
-                             model_hidden_dim=64, model_num_layers=3, policy_updates=1, critic_updates=2,
-                             model_max_epochs=5, actor_lr=1e-3, critic_lr=1e-3, alpha_lr=1e-3, init_alpha=0.1),
+                             model_hidden_dim=64, model_num_layers=3, policy_updates=1, critic_updates=4,
+                             model_max_epochs=30, model_max_steps=200, fd_batch_size=64, real_ratio=0.5, tau=0.01,
+                             actor_lr=1e-3, critic_lr=1e-3, alpha_lr=1e-3, init_alpha=0.1),
     "Hopper": dict(steps=100_000, horizon=2, fd_k=25, fd_weight=50.0,
                    rollout_min_len=1, rollout_max_len=15, rollout_min_epoch=20, rollout_max_epoch=100),
     "Walker2d": dict(steps=100_000, horizon=3, fd_k=25, fd_weight=0.1, rollout_min_len=1, rollout_max_len=1),
@@ -188,7 +212,9 @@ SIZE_PRESETS: Dict[str, Dict[str, object]] = {
     "tiny": dict(hidden_dim=32, num_layers=2, batch_size=32, ensemble_size=3, num_elites=2, model_hidden_dim=32,
                  model_num_layers=2, model_batch_size=64, model_train_every=50, model_max_epochs=3,
                  rollout_batch_size=64, policy_updates=1, critic_updates=1, fd_k=3, fd_window=500,
-                 warmup_steps=50, log_every=50, eval_every=100, eval_episodes=2, checkpoint_every=100),
+                 warmup_steps=50, log_every=50, eval_every=100, eval_episodes=2, checkpoint_every=100,
+                 diag_states=64, diag_batch=8, diag_samples=4, diag_max_horizon=3, diag_transitions=16,
+                 diag_rollout_steps=20),
 }
 
 
@@ -266,11 +292,12 @@ def validate(cfg: Config) -> None:
                 "batch_size", "hidden_dim", "num_layers", "ensemble_size", "num_elites", "model_hidden_dim",
                 "model_batch_size", "model_train_every", "model_max_epochs", "model_patience",
                 "rollout_batch_size", "rollout_min_len", "rollout_max_len", "model_retain_epochs", "horizon",
-                "fd_k", "fd_window", "cpu_threads"]
+                "fd_k", "fd_window", "fd_batch_size", "cpu_threads", "diag_states", "diag_batch", "diag_max_horizon",
+                "diag_transitions", "diag_rollout_steps"]
     for name in positive:
         if getattr(cfg, name) < 1:
             raise CliError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(cfg, name)}")
-    nonneg = ["warmup_steps", "seed", "policy_updates", "critic_updates", "model_num_layers"]
+    nonneg = ["warmup_steps", "seed", "policy_updates", "critic_updates", "model_num_layers", "model_max_steps", "diag_every"]
     for name in nonneg:
         if getattr(cfg, name) < 0:
             raise CliError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(cfg, name)}")
@@ -289,6 +316,8 @@ def validate(cfg: Config) -> None:
         (cfg.eval_every % cfg.log_every == 0, "--eval-every: must be a multiple of --log-every"),
         (cfg.checkpoint_every % cfg.log_every == 0, "--checkpoint-every: must be a multiple of --log-every"),
         (not cfg.cuda_graphs or cfg.compile, "--cuda-graphs: needs --compile"),
+        (cfg.diag_every % cfg.log_every == 0, "--diag-every: must be a multiple of --log-every (0 = off)"),
+        (cfg.diag_samples >= 2, f"--diag-samples: must be >= 2 (a sample variance), got {cfg.diag_samples}"),
         (cfg.device in DEVICES, f"--device: choose from {', '.join(DEVICES)}"),
     ]
     for ok, message in checks:

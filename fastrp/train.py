@@ -24,6 +24,7 @@ import torch
 
 from fastrp import algos
 from fastrp.config import CliError, Config, build_parser, given_flags, parse_args, validate
+from fastrp.diagnostics.run import TrainingDiagnostics
 from fastrp.envs import make, termination_fn
 from fastrp.rl import checkpoint as ckpt
 from fastrp.rl.buffer import ReplayBuffer
@@ -87,6 +88,7 @@ class Trainer:
         if resume_state is not None:
             self._load(resume_state)
         self.logger = MetricsLogger(run_dir, resume_step=self.step if resume_state is not None else None)
+        self.diagnostics = TrainingDiagnostics(cfg, run_dir, resume_step=self.step if resume_state is not None else None)
         self.ckpt_path = os.path.join(run_dir, ckpt.CHECKPOINT_NAME)
 
     # ---- checkpoints ---------------------------------------------------------------------------
@@ -198,6 +200,8 @@ class Trainer:
             if math.isfinite(self.last_eval):
                 self.best_eval = self.last_eval if self.best_eval is None else max(self.best_eval, self.last_eval)
         self.logger.write(row)
+        if cfg.diag_every > 0 and self.step % cfg.diag_every == 0:
+            self.diagnostics(self)  # rows go to <run_dir>/diagnostics.csv; never changes the training state
         if self.bad_intervals >= cfg.max_bad_intervals:
             where = (f"the last good checkpoint (env step {self.last_good_step}) is {self.ckpt_path}"
                      if self.last_good_step is not None else "no checkpoint was written before the divergence")
@@ -260,8 +264,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except CliError as err:
         print(f"python -m fastrp.train: error: {err}", file=sys.stderr)
         return 2
+    try:
+        trainer = Trainer(cfg, run_dir, state)
+    except (RuntimeError, KeyError) as err:
+        if state is None:
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"python -m fastrp.train: error: --resume: the checkpoint in {run_dir} does not fit the networks this "
+              f"fastrp version builds from its config (written by another version?): {first}", file=sys.stderr)
+        return 2
     _write_config(cfg, run_dir)
-    trainer = Trainer(cfg, run_dir, state)
     try:
         summary = trainer.run()
     except Diverged as err:

@@ -1,0 +1,356 @@
+"""Diagnostics of a run: load an agent from a run directory, measure it, and the training-time hook.
+
+* :func:`load_run` rebuilds the agent, replay buffer and config of a run directory from its
+  ``checkpoint.pt`` (what ``python -m fastrp.diagnostics`` works on).
+* :func:`variance_rows` / :func:`jacobian_rows` measure an agent and return rows of
+  :data:`COLUMNS` (one per unroll length H, one per model).
+* :class:`TrainingDiagnostics` is the trainer's hook: every ``diag_every`` env steps after
+  warm-up it appends those rows to ``<run_dir>/diagnostics.csv`` (and TensorBoard), and on
+  ``--resume`` drops the rows written after the checkpoint, as the metrics logger does.
+
+The measurements do not perturb the run they observe: they draw from their own generators
+(seeded from the run's seed, the env step and a stream constant - so a resumed run reproduces the
+rows, and the CLI on a checkpoint reproduces the training-time row of that step), run every
+network in eval mode (no spectral-norm vector updates), take gradients with
+:func:`torch.autograd.grad` only, restore every ``requires_grad`` flag and step a separate env.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import warnings
+from typing import Dict, List, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+
+from fastrp import algos
+from fastrp.config import Config
+from fastrp.diagnostics.jacobian import collect_transitions, ensemble_jacobian_errors, state_columns
+from fastrp.diagnostics.variance import frozen_modules, rp_gradient_variance
+from fastrp.envs import dynamics_jacobians, make, termination_fn
+from fastrp.rl import checkpoint as ckpt
+from fastrp.rl.buffer import ReplayBuffer
+
+__all__ = ["COLUMNS", "DIAG_CSV", "RunError", "LoadedRun", "Settings", "load_run", "variance_rows", "jacobian_rows",
+           "supports_variance", "supports_jacobian", "diag_seed", "read_rows", "append_rows", "TrainingDiagnostics"]
+
+DIAG_CSV = "diagnostics.csv"
+"""Training-time diagnostics file inside a run directory."""
+
+COLUMNS = ["env_steps", "kind", "model", "horizon", "trace_cov", "mean_grad_norm", "jac_state_err", "jac_action_err",
+           "pred_mse", "samples", "batch"]
+"""Columns of ``diagnostics.csv`` (long format; empty cell = not applicable to the row's kind):
+
+``env_steps`` step of the measurement; ``kind`` ``variance`` or ``jacobian``; ``model``
+``prediction`` or ``gradient`` (variance rows: the model the policy gradient flows through);
+``horizon`` unroll length H (variance); ``trace_cov`` trace of the covariance of the minibatch
+policy gradient; ``mean_grad_norm`` mean norm of those gradients; ``jac_state_err`` /
+``jac_action_err`` mean relative Frobenius error of the model's ``ds'/ds`` / ``ds'/da`` against
+MuJoCo's; ``pred_mse`` mean squared error of the predicted next observation; ``samples``
+gradient samples per H (variance) or held-out transitions (jacobian); ``batch`` start states per
+minibatch (variance)."""
+
+VARIANCE_STREAM, POOL_STREAM, JACOBIAN_STREAM = 1, 2, 3
+_SEED_TAG = 0xD1A6
+
+
+class RunError(Exception):
+    """A run directory that cannot be diagnosed (reported as one line, exit code 2)."""
+
+
+class LoadedRun(NamedTuple):
+    """What :func:`load_run` rebuilds: ``run_dir``, the run's ``cfg``, the ``agent`` (weights,
+    model normalisers and elites as checkpointed), its replay ``buffer`` and the checkpoint's
+    env ``step``."""
+
+    run_dir: str
+    cfg: Config
+    agent: object
+    buffer: ReplayBuffer
+    step: int
+
+
+@dataclasses.dataclass
+class Settings:
+    """Sizes of one diagnostics pass (the run config's ``diag_*`` fields unless overridden)."""
+
+    states: int
+    batch: int
+    samples: int
+    min_horizon: int
+    max_horizon: int
+    transitions: int
+    rollout_steps: int
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Settings":
+        return cls(states=cfg.diag_states, batch=cfg.diag_batch, samples=cfg.diag_samples, min_horizon=1,
+                   max_horizon=cfg.diag_max_horizon, transitions=cfg.diag_transitions,
+                   rollout_steps=cfg.diag_rollout_steps)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad field."""
+        for name in ("states", "batch", "transitions", "rollout_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 2:
+            raise ValueError(f"samples must be an int >= 2 (a sample variance), got {self.samples!r}")
+        if isinstance(self.min_horizon, bool) or not isinstance(self.min_horizon, int) or self.min_horizon < 0:
+            raise ValueError(f"min_horizon must be an int >= 0, got {self.min_horizon!r}")
+        if isinstance(self.max_horizon, bool) or not isinstance(self.max_horizon, int):
+            raise ValueError(f"max_horizon must be an int, got {self.max_horizon!r}")
+        if self.max_horizon < self.min_horizon:
+            raise ValueError(f"max_horizon must be >= min_horizon={self.min_horizon}, got {self.max_horizon}")
+
+
+def supports_variance(agent) -> bool:
+    """True for the RP algorithms (``maac``, ``rp-sn``, ``ddppo``, ``ddppo-sn``): a model-based
+    policy objective to differentiate."""
+    return hasattr(agent, "model") and hasattr(agent, "gradient_model")
+
+
+def supports_jacobian(agent) -> bool:
+    """True for every algorithm with a learned dynamics model (all but ``sac``)."""
+    return hasattr(agent, "model")
+
+
+def diag_seed(seed: int, step: int, stream: int) -> int:
+    """A 63-bit generator seed from the run seed, the env step and a stream constant (independent
+    of every generator the training run uses)."""
+    words = np.random.SeedSequence([int(seed), _SEED_TAG, int(step), int(stream)]).generate_state(2, np.uint32)
+    return int((int(words[0]) << 31) ^ int(words[1]))
+
+
+# ---- loading a run ---------------------------------------------------------------------------------
+def load_run(run_dir: str, device: str = "cpu") -> LoadedRun:
+    """Rebuild the agent and replay buffer of ``run_dir`` from its ``checkpoint.pt``.
+
+    The config is ``Config(**state["config"])`` (fields this version does not know are ignored,
+    missing ones take their defaults), with ``device`` set to ``device`` and compilation off; the
+    agent is ``fastrp.algos.get(cfg.algo)(...)`` with the task's termination function, loaded
+    with ``state["agent"]``. Raises :class:`RunError` with a one-line reason.
+    """
+    if not os.path.isdir(run_dir):
+        raise RunError(f"{run_dir}: no such run directory")
+    path = os.path.join(run_dir, ckpt.CHECKPOINT_NAME)
+    if not os.path.isfile(path):
+        raise RunError(f"{run_dir}: no {ckpt.CHECKPOINT_NAME} in it (not a run directory, or no checkpoint written yet)")
+    try:
+        state = ckpt.load(path)
+        known = {f.name for f in dataclasses.fields(Config)}
+        cfg = Config(**{k: v for k, v in dict(state["config"]).items() if k in known})
+        step = int(state["step"])
+    except Exception as err:  # a torn or foreign file: one line, no traceback
+        raise RunError(f"{path}: cannot read the checkpoint ({type(err).__name__}: {err})") from None
+    cfg = dataclasses.replace(cfg, device=str(torch.device(device)), compile=False, cuda_graphs=False, resume="")
+    dev = torch.device(device)
+    env = make(cfg.env, 1, seed=cfg.seed)
+    space = env.single_action_space
+    agent = algos.get(cfg.algo)(cfg, env.obs_dim, env.act_dim, space.low, space.high, dev,
+                                termination=termination_fn(cfg.env))
+    try:
+        agent.load_state_dict(state["agent"])
+        size = int(state["buffer"]["size"])
+        buffer = ReplayBuffer(env.obs_dim, env.act_dim, max(size, 1), dev)
+        buffer.load_state_dict(state["buffer"])
+    except (RuntimeError, KeyError, ValueError) as err:  # e.g. written by another fastrp version
+        reason = " ".join(str(err).split()) or type(err).__name__
+        reason = reason if len(reason) <= 200 else reason[:197] + "..."
+        raise RunError(f"{path}: does not match this fastrp's {cfg.algo} agent ({reason})") from None
+    finally:
+        env.close()
+    return LoadedRun(run_dir, cfg, agent, buffer, step)
+
+
+# ---- measurements ----------------------------------------------------------------------------------
+def _row(step: int, kind: str, model: str, **values) -> Dict[str, object]:
+    row: Dict[str, object] = {"env_steps": int(step), "kind": kind, "model": model}
+    row.update(values)
+    return row
+
+
+def variance_rows(agent, buffer: ReplayBuffer, cfg: Config, step: int, settings: Settings,
+                  seed: Optional[int] = None) -> List[Dict[str, object]]:
+    """Gradient variance of ``agent``'s RP policy objective for ``H = min_horizon .. max_horizon``.
+
+    The fixed pool: ``settings.states`` distinct replay-buffer rows (all of them when the buffer
+    is smaller) drawn by a generator seeded with :func:`diag_seed` ``(seed, step, POOL_STREAM)``;
+    then :func:`fastrp.diagnostics.variance.rp_gradient_variance` with the agent's policy,
+    prediction model, critic, temperature, termination function and (``ddppo*``) gradient
+    model, seeded with ``(seed, step, VARIANCE_STREAM)``. ``seed`` defaults to ``cfg.seed``.
+    Returns one row of :data:`COLUMNS` per H.
+    """
+    if not supports_variance(agent):
+        raise RunError(f"algorithm {cfg.algo!r} has no model-based policy gradient: the variance diagnostic "
+                       f"needs maac, rp-sn, ddppo or ddppo-sn")
+    if len(buffer) == 0:
+        raise RunError("the replay buffer is empty: no start states")
+    settings.validate()
+    base = cfg.seed if seed is None else seed
+    gen = torch.Generator(device=buffer.device)
+    gen.manual_seed(diag_seed(base, step, POOL_STREAM))
+    idx = torch.randperm(len(buffer), generator=gen, device=buffer.device)[: settings.states]
+    pool = buffer.gather(idx).obs
+    grad_model = agent.gradient_model()
+    stats = rp_gradient_variance(agent.policy, agent.model, agent.critic, pool,
+                                 range(settings.min_horizon, settings.max_horizon + 1), gamma=cfg.gamma,
+                                 alpha=agent.alpha, termination_fn=agent.termination, grad_model=grad_model,
+                                 num_samples=settings.samples, batch_size=settings.batch,
+                                 seed=diag_seed(base, step, VARIANCE_STREAM))
+    model = "gradient" if grad_model is not None else "prediction"
+    return [_row(step, "variance", model, horizon=s["horizon"], trace_cov=s["trace_cov"],
+                 mean_grad_norm=s["mean_grad_norm"], samples=s["samples"], batch=s["batch"]) for s in stats]
+
+
+def jacobian_rows(agent, cfg: Config, step: int, settings: Settings, seed: Optional[int] = None,
+                  num_envs: int = 16) -> List[Dict[str, object]]:
+    """Model gradient error of ``agent``'s prediction model (and ``ddppo*`` gradient model).
+
+    Held-out transitions: ``min(num_envs, settings.transitions)`` fresh copies of the task
+    (``fastrp.envs.make``, seeded from :func:`diag_seed` ``(seed, step, JACOBIAN_STREAM)``, one
+    stepping thread) run ``settings.rollout_steps`` steps of the current stochastic policy;
+    ``settings.transitions`` of the recorded ``(state, obs, action)`` are kept; the true
+    Jacobians and next observations come from :func:`fastrp.envs.dynamics_jacobians`. Each model
+    is scored by :func:`fastrp.diagnostics.jacobian.ensemble_jacobian_errors` (mean over its
+    elites). Returns one row of :data:`COLUMNS` per model.
+    """
+    if not supports_jacobian(agent):
+        raise RunError(f"algorithm {cfg.algo!r} has no dynamics model: the jacobian diagnostic needs mbpo, maac, "
+                       f"rp-sn, ddppo or ddppo-sn")
+    settings.validate()
+    base = cfg.seed if seed is None else seed
+    s = diag_seed(base, step, JACOBIAN_STREAM)
+    device = agent.model.elite_idx.device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(s)
+    rng = np.random.default_rng(s)
+    env_seed = int(rng.integers(0, 2 ** 31 - 1))
+    n_envs = max(1, min(num_envs, settings.transitions))
+    env = make(cfg.env, n_envs, seed=env_seed, num_threads=1)
+    try:
+        env.reset(seed=env_seed)
+        grad_model = agent.gradient_model() if hasattr(agent, "gradient_model") else None
+        models = [("prediction", agent.model)] + ([("gradient", grad_model)] if grad_model is not None else [])
+        with frozen_modules([agent.policy, agent.model, grad_model]):
+            held = collect_transitions(env, agent.policy, settings.transitions, settings.rollout_steps, gen, rng,
+                                       device=device)
+            truth = dynamics_jacobians(env, held.actions, held.states)
+            cols = state_columns(env)
+            rows = []
+            for name, model in models:
+                err = ensemble_jacobian_errors(model, held.obs, held.actions, truth.d_obs, truth.d_action,
+                                               truth.next_obs, cols)
+                rows.append(_row(step, "jacobian", name, jac_state_err=err["jac_state_err"],
+                                 jac_action_err=err["jac_action_err"], pred_mse=err["pred_mse"],
+                                 samples=held.obs.shape[0]))
+    finally:
+        env.close()
+    return rows
+
+
+# ---- CSV -------------------------------------------------------------------------------------------
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else repr(value)
+    return str(value)
+
+
+def read_rows(path: str) -> List[Dict[str, str]]:
+    """Rows of a diagnostics CSV as dicts of strings (empty list when the file does not exist)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def append_rows(path: str, rows: Sequence[Dict[str, object]], columns: Sequence[str] = COLUMNS) -> None:
+    """Append ``rows`` to the CSV at ``path`` (header written when the file is new or empty).
+    An existing file with another header raises ``ValueError`` (rows are never misaligned)."""
+    columns = list(columns)
+    exists = os.path.exists(path) and os.path.getsize(path) > 0
+    if exists:
+        with open(path, newline="") as fh:
+            header = next(csv.reader(fh), [])
+        if header != columns:
+            raise ValueError(f"{path}: has columns {header}, expected {columns}; choose another --csv file")
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, columns)
+        if not exists:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt(row.get(k)) for k in columns})
+
+
+class TrainingDiagnostics:
+    """The trainer's hook (``Trainer._log`` calls it after every log row).
+
+    Active when ``cfg.diag_every > 0`` and the algorithm has a model: at env steps that are
+    multiples of ``diag_every`` and at least ``warmup_steps`` (the model has been fit), it
+    appends :func:`variance_rows` (RP algorithms) and :func:`jacobian_rows` (every model-based
+    algorithm) to ``<run_dir>/diagnostics.csv`` and mirrors them to the run's TensorBoard writer.
+    A failing measurement is reported with a warning and never stops the training run.
+
+    Args:
+        cfg: the run's config.
+        run_dir: the run directory.
+        resume_step: on ``--resume``, the checkpoint's step: rows after it are dropped (whether
+            or not the resumed run has diagnostics on); None for a new run (the file starts
+            empty when diagnostics are on).
+    """
+
+    def __init__(self, cfg: Config, run_dir: str, resume_step: Optional[int] = None):
+        self.cfg = cfg
+        self.path = os.path.join(run_dir, DIAG_CSV)
+        self.settings = Settings.from_config(cfg)
+        self.active = cfg.diag_every > 0 and cfg.algo != "sac"
+        if resume_step is not None:
+            if os.path.exists(self.path):
+                kept = [r for r in read_rows(self.path) if r.get("env_steps", "").isdigit()
+                        and int(r["env_steps"]) <= resume_step]
+                with open(self.path, "w", newline="") as fh:
+                    writer = csv.DictWriter(fh, COLUMNS, extrasaction="ignore")
+                    writer.writeheader()
+                    writer.writerows(kept)
+        elif self.active:
+            with open(self.path, "w", newline="") as fh:
+                csv.DictWriter(fh, COLUMNS).writeheader()
+
+    def due(self, step: int) -> bool:
+        """Whether a pass runs at env step ``step``."""
+        return self.active and step % self.cfg.diag_every == 0 and step >= self.cfg.warmup_steps
+
+    def __call__(self, trainer) -> List[Dict[str, object]]:
+        """Measure ``trainer.agent`` at ``trainer.step`` if due; returns the rows written."""
+        step = trainer.step
+        if not self.due(step):
+            return []
+        agent, cfg = trainer.agent, self.cfg
+        rows: List[Dict[str, object]] = []
+        try:
+            if supports_variance(agent):
+                rows += variance_rows(agent, trainer.buffer, cfg, step, self.settings)
+            if supports_jacobian(agent):
+                rows += jacobian_rows(agent, cfg, step, self.settings)
+        except Exception as err:  # a diagnostic must never end a training run
+            warnings.warn(f"gradient diagnostics at env step {step} failed and were skipped: "
+                          f"{type(err).__name__}: {err}", stacklevel=2)
+            return []
+        append_rows(self.path, rows)
+        tb = getattr(getattr(trainer, "logger", None), "tb", None)
+        if tb is not None:
+            for row in rows:
+                if row["kind"] == "variance":
+                    tb.add_scalar(f"diagnostics/trace_cov/H{row['horizon']}", row["trace_cov"], step)
+                    tb.add_scalar(f"diagnostics/mean_grad_norm/H{row['horizon']}", row["mean_grad_norm"], step)
+                else:
+                    for key in ("jac_state_err", "jac_action_err", "pred_mse"):
+                        tb.add_scalar(f"diagnostics/{row['model']}/{key}", row[key], step)
+            tb.flush()
+        return rows

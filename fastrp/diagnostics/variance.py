@@ -1,0 +1,208 @@
+"""Variance of the model-based RP policy gradient as a function of the unroll length H (paper 000).
+
+The quantity: for a fixed pool of real start states, draw ``num_samples`` independent minibatches
+of ``batch_size`` states from the pool and compute, from scratch each time, the gradient ``g_i``
+of the policy objective (:func:`fastrp.rl.unroll.imagined_objective`: H steps through the model,
+terminal min-Q) with respect to the policy parameters. Report
+
+* ``trace_cov = sum_p Var_i(g_i[p])`` - the trace of the covariance matrix of the minibatch
+  gradient, with the unbiased (``n - 1``) sample variance per parameter;
+* ``mean_grad_norm = mean_i ||g_i||``.
+
+Two mistakes of the public reference code are avoided: every ``g_i`` is computed with
+:func:`torch.autograd.grad` (nothing accumulates in ``.grad``, so samples are independent), and
+the start states are the states the training unroll starts from (see
+:func:`rp_gradient_variance`).
+
+:func:`gradient_covariance_trace` is the estimator on its own (any ``sample -> flat gradient``
+function), :func:`rp_gradient_variance` applies it to a policy, model and critic, and
+:func:`frozen_modules` is the context that makes all of this invisible to a training run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence
+
+import torch
+
+from fastrp.rl.unroll import imagined_objective
+
+__all__ = ["GradientStats", "flat_gradient", "gradient_covariance_trace", "rp_gradient_variance", "frozen_modules"]
+
+
+class GradientStats(NamedTuple):
+    """Result of :func:`gradient_covariance_trace`.
+
+    ``trace_cov``: sum over parameters of the unbiased sample variance of the gradient samples;
+    ``mean_grad_norm``: mean Euclidean norm of the samples; ``mean_grad``: ``[P]`` float64 mean
+    gradient; ``num_samples``: how many samples were drawn.
+    """
+
+    trace_cov: float
+    mean_grad_norm: float
+    mean_grad: torch.Tensor
+    num_samples: int
+
+
+def flat_gradient(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``d loss / d params`` flattened into one ``[P]`` vector (``P`` = total parameter count).
+
+    Uses :func:`torch.autograd.grad`, so nothing is written to (or read from) the parameters'
+    ``.grad``: every call is a fresh gradient, whatever happened before. Parameters the loss does
+    not depend on contribute zeros.
+    """
+    if loss.dim() != 0:
+        raise ValueError(f"loss must be a scalar tensor, got shape {tuple(loss.shape)}")
+    params = list(params)
+    if not params:
+        raise ValueError("params must hold at least one tensor")
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
+
+
+def gradient_covariance_trace(sample_grad_fn: Callable[[int], torch.Tensor], num_samples: int) -> GradientStats:
+    """Trace of the covariance and mean norm of a stochastic gradient, from independent samples.
+
+    Args:
+        sample_grad_fn: ``fn(i) -> [P]`` the ``i``-th independent gradient sample (a 1-D tensor,
+            the same ``P`` every call), e.g. a :func:`flat_gradient` of a fresh minibatch loss.
+        num_samples: ``n >= 2`` samples to draw.
+
+    Returns:
+        :class:`GradientStats` with ``trace_cov = sum_p (1/(n-1)) sum_i (g_i[p] - mean[p])^2``
+        (accumulated in float64 with Welford's update) and ``mean_grad_norm = (1/n) sum_i ||g_i||``.
+        Non-finite samples make the results non-finite (they are reported, not hidden).
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+        raise ValueError(f"num_samples must be an int >= 2 (a sample variance needs two samples), got {num_samples!r}")
+    mean = m2 = None
+    norm_sum = 0.0
+    for i in range(num_samples):
+        g = sample_grad_fn(i)
+        if not isinstance(g, torch.Tensor) or g.dim() != 1:
+            got = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+            raise ValueError(f"sample_grad_fn must return a 1-D gradient tensor [P], got {got}")
+        g = g.detach().to(torch.float64)
+        if mean is None:
+            mean, m2 = torch.zeros_like(g), torch.zeros_like(g)
+        elif g.shape != mean.shape:
+            raise ValueError(f"sample_grad_fn returned [{g.shape[0]}] after [{mean.shape[0]}]: every sample "
+                             f"must have the same length")
+        delta = g - mean
+        mean += delta / (i + 1)
+        m2 += delta * (g - mean)
+        norm_sum += float(torch.linalg.vector_norm(g))
+    trace = float(m2.sum()) / (num_samples - 1)
+    return GradientStats(trace, norm_sum / num_samples, mean, num_samples)
+
+
+@contextlib.contextmanager
+def frozen_modules(modules: Iterable[Optional[torch.nn.Module]],
+                   trainable: Optional[torch.nn.Module] = None) -> Iterator[None]:
+    """Put every module (None entries are skipped) in ``eval()`` mode and ``requires_grad_(False)``,
+    except ``trainable`` whose parameters are set to require grad (it is also put in ``eval()``);
+    on exit every module's training flag and every parameter's ``requires_grad`` are restored to
+    what they were, even after an exception.
+
+    Eval mode matters: a spectrally normalised module updates its power-iteration vectors on
+    every training-mode forward, so measuring in training mode would change the trained model.
+    """
+    mods = [m for m in modules if m is not None]
+    if trainable is not None and all(m is not trainable for m in mods):
+        mods.append(trainable)
+    saved_modes = [(m, [sub.training for sub in m.modules()]) for m in mods]
+    saved_flags = [(p, p.requires_grad) for m in mods for p in m.parameters()]
+    try:
+        for m in mods:
+            m.eval()
+            m.requires_grad_(m is trainable)
+        yield
+    finally:
+        for p, flag in saved_flags:
+            p.requires_grad_(flag)
+        for m, modes in saved_modes:
+            for sub, mode in zip(m.modules(), modes):
+                sub.training = mode
+
+
+def rp_gradient_variance(
+    policy: torch.nn.Module,
+    model,
+    critic,
+    start_states: torch.Tensor,
+    horizons: Sequence[int],
+    *,
+    gamma: float,
+    alpha,
+    termination_fn,
+    grad_model=None,
+    num_samples: int = 16,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> List[Dict[str, float]]:
+    """Variance of the RP policy gradient through ``model`` for each unroll length in ``horizons``.
+
+    For each ``H``: a ``torch.Generator`` seeded with ``seed`` (the same for every H, so all
+    lengths see the same minibatches: common random numbers) draws ``num_samples`` minibatches of
+    ``batch_size`` rows of ``start_states`` (uniform, with replacement) and drives the policy
+    noise and the per-sample elite choice of :func:`fastrp.rl.unroll.imagined_objective`; each
+    minibatch loss is differentiated on its own with :func:`flat_gradient` w.r.t. the policy
+    parameters, and :func:`gradient_covariance_trace` summarises the samples. With ``grad_model``
+    (DDPPO) values come from ``model`` and gradients flow through ``grad_model``, as in training.
+
+    Start states: raw replay-buffer observations, exactly what the training unroll is fed. In
+    fastrp every network normalises its own inputs - the policy and the critic with the run's
+    running observation normaliser (``obs_norm``, RP-PGM's, a submodule they share), the model
+    with its fitted input normaliser inside ``predict`` - so "normalised as in training" needs no
+    extra step here and cannot drift from training (the reference code's bug was feeding
+    unnormalised states to networks that expected normalised ones).
+
+    All modules run in eval mode with only the policy requiring grad (:func:`frozen_modules`);
+    the global RNGs are not touched and no ``.grad`` is left behind.
+
+    Args:
+        policy: ``TanhGaussianPolicy`` (takes ``noise=``, has ``act_dim``).
+        model: prediction :class:`~fastrp.nn.model.ProbabilisticEnsemble`.
+        critic: ``TwinQ`` (``min_q``).
+        start_states: ``[N, obs_dim]`` pool of real states on the model's device.
+        horizons: unroll lengths (ints ``>= 0``; 0 is the model-free SAC actor gradient).
+        gamma, alpha: discount and entropy temperature (as in training).
+        termination_fn: the task's ``fn(obs, act, next_obs) -> bool``.
+        grad_model: DDPPO gradient model, or None.
+        num_samples: gradient samples per H (``>= 2``).
+        batch_size: start states per minibatch (``>= 1``).
+        seed: generator seed.
+
+    Returns:
+        One dict per H, in order: ``{"horizon", "trace_cov", "mean_grad_norm", "samples", "batch"}``.
+    """
+    if not isinstance(start_states, torch.Tensor) or start_states.dim() != 2 or start_states.shape[0] < 1:
+        got = tuple(start_states.shape) if isinstance(start_states, torch.Tensor) else type(start_states).__name__
+        raise ValueError(f"start_states must be a non-empty [N, obs_dim] tensor, got {got}")
+    horizons = list(horizons)
+    if not horizons or any(isinstance(h, bool) or not isinstance(h, int) or h < 0 for h in horizons):
+        raise ValueError(f"horizons must be a non-empty sequence of ints >= 0, got {horizons!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+        raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
+    device = start_states.device
+    states = start_states.detach()
+    rows: List[Dict[str, float]] = []
+    with frozen_modules([model, critic, grad_model], trainable=policy):
+        params = [p for p in policy.parameters()]
+        for horizon in horizons:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(int(seed))
+
+            def sample(_: int, horizon: int = horizon) -> torch.Tensor:
+                idx = torch.randint(states.shape[0], (batch_size,), generator=gen, device=device)
+                loss, _ = imagined_objective(policy, model, critic, states[idx], horizon, gamma, alpha,
+                                             termination_fn, grad_model=grad_model, generator=gen)
+                return flat_gradient(loss, params)
+
+            stats = gradient_covariance_trace(sample, num_samples)
+            rows.append({"horizon": horizon, "trace_cov": stats.trace_cov, "mean_grad_norm": stats.mean_grad_norm,
+                         "samples": num_samples, "batch": batch_size})
+    return rows

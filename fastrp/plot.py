@@ -1,0 +1,299 @@
+"""Figures of fastrp runs (matplotlib, ``Agg`` backend: no display needed).
+
+``python -m fastrp.plot RUN_DIR... --out fig.png [--metric eval_return_mean] [--x env_steps|wall_time]``
+draws learning curves from the runs' ``metrics.csv``: runs are grouped by (env, algo) from their
+``config.json``, each group is drawn as the mean over its runs (seeds) with a +-1 std band, one
+subplot per env. Rows are aligned on ``env_steps`` and only rows where the metric has a value are
+used (evaluations happen every ``eval_every`` steps); with ``--x wall_time`` a group's x is the mean
+wall time of its runs at that env step.
+
+The same module draws the diagnostics figures of ``python -m fastrp.diagnostics``:
+:func:`variance_figure` (trace of the gradient covariance against H, one line per run) and
+:func:`jacobian_figure` (model Jacobian and prediction errors against env steps).
+
+Exit codes of the CLI: 0 done, 2 bad input (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = ["PlotError", "RunCurves", "read_run", "group_curves", "learning_curves_figure", "variance_figure",
+           "jacobian_figure", "main"]
+
+X_CHOICES = ("env_steps", "wall_time")
+DPI = 100
+
+
+class PlotError(Exception):
+    """Bad input to a plot (reported as one line, exit code 2)."""
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: str) -> str:
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    fig.savefig(out, dpi=DPI, bbox_inches="tight")
+    _pyplot().close(fig)
+    return out
+
+
+def _float(cell: Optional[str]) -> float:
+    if cell is None or cell == "":
+        return math.nan
+    try:
+        return float(cell)
+    except ValueError:
+        return math.nan
+
+
+# ---- learning curves -------------------------------------------------------------------------------
+class RunCurves:
+    """One run's metric: ``env``, ``algo``, ``seed`` (from ``config.json``), and the rows where the
+    metric has a value as arrays ``steps``, ``wall`` (wall time) and ``values``."""
+
+    def __init__(self, run_dir: str, env: str, algo: str, seed: int, steps: np.ndarray, wall: np.ndarray,
+                 values: np.ndarray):
+        self.run_dir, self.env, self.algo, self.seed = run_dir, env, algo, seed
+        self.steps, self.wall, self.values = steps, wall, values
+
+
+def read_run(run_dir: str, metric: str) -> RunCurves:
+    """Read ``metric`` of one run directory; raises :class:`PlotError` for a missing directory,
+    ``config.json`` or ``metrics.csv``, or a metric that is not a column of ``metrics.csv``."""
+    if not os.path.isdir(run_dir):
+        raise PlotError(f"{run_dir}: no such run directory")
+    metrics_path = os.path.join(run_dir, "metrics.csv")
+    if not os.path.isfile(metrics_path):
+        raise PlotError(f"{run_dir}: no metrics.csv in it (not a fastrp run directory?)")
+    config_path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise PlotError(f"{run_dir}: no config.json in it (not a fastrp run directory?)")
+    with open(config_path) as fh:
+        cfg = json.load(fh)
+    with open(metrics_path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        columns = reader.fieldnames or []
+        rows = list(reader)
+    if metric not in columns:
+        raise PlotError(f"--metric: {metric!r} is not a column of {metrics_path}; choose from "
+                        f"{', '.join(c for c in columns if c != 'env_steps')}")
+    steps, wall, values = [], [], []
+    for row in rows:
+        value = _float(row.get(metric))
+        if math.isnan(value):
+            continue
+        steps.append(int(float(row["env_steps"])))
+        wall.append(_float(row.get("wall_time")))
+        values.append(value)
+    return RunCurves(run_dir, str(cfg.get("env", "?")), str(cfg.get("algo", "?")), int(cfg.get("seed", 0)),
+                     np.asarray(steps, dtype=np.int64), np.asarray(wall, dtype=np.float64),
+                     np.asarray(values, dtype=np.float64))
+
+
+def group_curves(runs: Sequence[RunCurves], x: str = "env_steps"
+                 ) -> Dict[Tuple[str, str], Dict[str, np.ndarray]]:
+    """Mean and std per (env, algo) group, aligned on env steps.
+
+    Returns ``{(env, algo): {"x", "mean", "std", "count", "seeds"}}``: at every env step where at
+    least one run of the group has a value, ``mean`` / ``std`` (population std, 0 for one run)
+    over the runs that have it and ``count`` of them; ``x`` is the env step, or with
+    ``x="wall_time"`` the mean wall time of those runs at that step. ``seeds`` lists the seeds.
+    """
+    if x not in X_CHOICES:
+        raise PlotError(f"--x: choose from {', '.join(X_CHOICES)}, got {x!r}")
+    groups: Dict[Tuple[str, str], List[RunCurves]] = {}
+    for run in runs:
+        groups.setdefault((run.env, run.algo), []).append(run)
+    out: Dict[Tuple[str, str], Dict[str, np.ndarray]] = {}
+    for key, members in groups.items():
+        steps = np.unique(np.concatenate([r.steps for r in members])) if members else np.zeros(0, np.int64)
+        xs, means, stds, counts = [], [], [], []
+        for step in steps:
+            vals, walls = [], []
+            for r in members:
+                hit = np.flatnonzero(r.steps == step)
+                if hit.size:
+                    vals.append(r.values[hit[-1]])
+                    walls.append(r.wall[hit[-1]])
+            if x == "env_steps":
+                xs.append(float(step))
+            else:
+                xs.append(float(np.nanmean(walls)) if np.isfinite(walls).any() else math.nan)
+            means.append(float(np.mean(vals)))
+            stds.append(float(np.std(vals)))
+            counts.append(len(vals))
+        out[key] = {"x": np.asarray(xs), "mean": np.asarray(means), "std": np.asarray(stds),
+                    "count": np.asarray(counts), "seeds": np.asarray(sorted(r.seed for r in members))}
+    return out
+
+
+def learning_curves_figure(run_dirs: Sequence[str], out: str, metric: str = "eval_return_mean",
+                           x: str = "env_steps") -> str:
+    """Draw the learning curves of ``run_dirs`` into the PNG ``out`` (see the module docstring);
+    returns ``out``. Raises :class:`PlotError` on bad input or when no run has a value of the metric."""
+    if not run_dirs:
+        raise PlotError("give at least one run directory")
+    if x not in X_CHOICES:
+        raise PlotError(f"--x: choose from {', '.join(X_CHOICES)}, got {x!r}")
+    runs = [read_run(d, metric) for d in run_dirs]
+    if all(r.values.size == 0 for r in runs):
+        raise PlotError(f"--metric: no run has a value of {metric!r} yet")
+    groups = group_curves(runs, x)
+    envs = sorted({env for env, _ in groups})
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(envs), figsize=(5.0 * len(envs), 3.6), squeeze=False, layout="constrained")
+    for ax, env in zip(axes[0], envs):
+        for (g_env, algo), curve in sorted(groups.items()):
+            if g_env != env or curve["x"].size == 0:
+                continue
+            n = len(curve["seeds"])
+            line, = ax.plot(curve["x"], curve["mean"], marker="." if curve["x"].size < 30 else None,
+                            label=f"{algo} ({n} seed{'s' if n != 1 else ''})")
+            ax.fill_between(curve["x"], curve["mean"] - curve["std"], curve["mean"] + curve["std"],
+                            color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_title(env)
+        ax.set_xlabel("env steps" if x == "env_steps" else "wall time (s)")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("mean +- std over seeds", fontsize=9)
+    return _save(fig, out)
+
+
+# ---- diagnostics figures ---------------------------------------------------------------------------
+def variance_figure(curves: Sequence[Tuple[str, Sequence[int], Sequence[float], Sequence[float]]], out: str,
+                    title: str = "") -> str:
+    """Gradient variance against the unroll length H, one line per run, log y.
+
+    Args:
+        curves: ``(label, horizons, trace_cov, mean_grad_norm)`` per run.
+        out: PNG path. title: figure title.
+
+    Left panel: trace of the gradient covariance; right panel: mean gradient norm. Returns ``out``.
+    """
+    plt = _pyplot()
+    fig, (ax_var, ax_norm) = plt.subplots(1, 2, figsize=(10.0, 3.6), layout="constrained")
+    for label, hs, trace, norm in curves:
+        ax_var.plot(hs, _positive(trace), marker="o", label=label)
+        ax_norm.plot(hs, _positive(norm), marker="o", label=label)
+    for ax, ylabel in ((ax_var, "trace of gradient covariance"), (ax_norm, "mean gradient norm")):
+        ax.set_yscale("log")
+        ax.set_xlabel("unroll length H (model steps)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    ax_var.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, out)
+
+
+def _positive(values) -> np.ndarray:
+    """Values for a log axis: non-positive or non-finite ones become NaN (gaps, not crashes)."""
+    arr = np.asarray(values, dtype=np.float64)
+    return np.where(np.isfinite(arr) & (arr > 0), arr, np.nan)
+
+
+def jacobian_figure(history: Sequence[Dict[str, object]], points: Sequence[Dict[str, object]], out: str,
+                    title: str = "") -> str:
+    """Model gradient error against training progress (paper 003's Figure 2 on a real task).
+
+    Args:
+        history: jacobian rows (dicts with ``env_steps``, ``model``, ``jac_state_err``,
+            ``jac_action_err``, ``pred_mse``; strings or numbers) from a run's training-time
+            ``diagnostics.csv``, drawn as lines.
+        points: rows measured now on the checkpoint, drawn as star markers.
+        out: PNG path. title: figure title.
+
+    Left panel: relative Jacobian error (state block solid, action block dashed, one colour per
+    model); right panel: prediction MSE. Both log y. Returns ``out``.
+    """
+    plt = _pyplot()
+    fig, (ax_jac, ax_mse) = plt.subplots(1, 2, figsize=(10.0, 3.8), layout="constrained")
+    colors = {"prediction": "tab:blue", "gradient": "tab:orange"}
+    models = sorted({str(r["model"]) for r in list(history) + list(points)}, key=lambda m: (m != "prediction", m))
+    for model in models:
+        color = colors.get(model)
+        rows = sorted((r for r in history if str(r["model"]) == model), key=lambda r: float(r["env_steps"]))
+        pts = [r for r in points if str(r["model"]) == model]
+        steps = [float(r["env_steps"]) for r in rows]
+        for key, style, what in (("jac_state_err", "-", "ds'/ds"), ("jac_action_err", "--", "ds'/da")):
+            if rows:
+                line, = ax_jac.plot(steps, _positive([_float(str(r[key])) for r in rows]), style, color=color,
+                                    marker=".", label=f"{model} model {what}")
+                color = line.get_color()
+            if pts:
+                ax_jac.plot([float(r["env_steps"]) for r in pts], _positive([_float(str(r[key])) for r in pts]),
+                            "*", color=color, markersize=11,
+                            label=None if rows else f"{model} model {what} (checkpoint)")
+        if rows:
+            ax_mse.plot(steps, _positive([_float(str(r["pred_mse"])) for r in rows]), ":", color=color, marker=".",
+                        label=f"{model} model")
+        if pts:
+            ax_mse.plot([float(r["env_steps"]) for r in pts], _positive([_float(str(r["pred_mse"])) for r in pts]),
+                        "*", color=color, markersize=11, label=None if rows else f"{model} model (checkpoint)")
+    ax_jac.set_ylabel("relative Jacobian error")
+    ax_jac.set_title("||J - J_true||_F / ||J_true||_F (solid ds'/ds, dashed ds'/da)", fontsize=8)
+    ax_mse.set_title("mean squared error of the predicted next observation", fontsize=8)
+    ax_mse.set_ylabel("prediction MSE")
+    for ax in (ax_jac, ax_mse):
+        ax.set_yscale("log")
+        ax.set_xlabel("env steps")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, handlelength=3.5)
+    if points:
+        title = (title + "\n" if title else "") + "lines: training-time diagnostics.csv; stars: this checkpoint"
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, out)
+
+
+# ---- CLI -------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line on stderr, exit code 2, no usage dump
+        raise PlotError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m fastrp.plot", allow_abbrev=False,
+                     description="Learning curves of fastrp runs: mean +- std over seeds, grouped by algorithm, "
+                                 "one subplot per env.")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (config.json + metrics.csv)")
+    parser.add_argument("--out", required=True, help="output PNG path")
+    parser.add_argument("--metric", default="eval_return_mean", help="metrics.csv column (default: eval_return_mean)")
+    parser.add_argument("--x", default="env_steps", choices=X_CHOICES, help="x axis (default: env_steps)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI entry point; returns the exit code (0 done, 2 bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        out = learning_curves_figure(args.run_dirs, args.out, args.metric, args.x)
+    except PlotError as err:
+        print(f"python -m fastrp.plot: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""Gradient diagnostics: estimators on cases with a known answer, the training-time hook (rows,
+resume, no effect on training) and the ``python -m fastrp.diagnostics`` command line."""
+
+import csv
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from fastrp import train
+from fastrp.config import CliError, parse_args
+from fastrp.diagnostics import (DIAG_CSV, Settings, collect_transitions, ensemble_jacobian_errors, flat_gradient,
+                                frozen_modules, gradient_covariance_trace, input_jacobians, jacobian_errors,
+                                jacobian_rows, load_run, rp_gradient_variance, variance_rows)
+from fastrp.diagnostics.__main__ import CLI_COLUMNS, CLI_CSV
+from fastrp.diagnostics.__main__ import main as diag_main
+from fastrp.envs import dynamics_jacobians, make
+from fastrp.nn.policy import TanhGaussianPolicy
+from fastrp.rl.logger import TIMING_COLUMNS, read_metrics
+
+TINY = ["--env", "InvertedPendulum", "--preset", "tiny", "--progress", "false"]
+
+
+def _rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# ---- estimators with known answers -------------------------------------------------------------------
+def test_variance_estimator_matches_analytic_variance():
+    """J(w) = mean_b w.x_b with x_b ~ N(mu, diag(s2)): grad = mean_b x_b, trace cov = sum(s2) / B."""
+    d, batch, n = 5, 8, 400
+    mu = torch.tensor([1.0, -2.0, 0.5, 3.0, 0.0], dtype=torch.float64)
+    s2 = torch.tensor([0.5, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    w = torch.zeros(d, dtype=torch.float64, requires_grad=True)
+    gen = torch.Generator().manual_seed(1)
+
+    def sample(_):
+        x = mu + s2.sqrt() * torch.randn(batch, d, generator=gen, dtype=torch.float64)
+        return flat_gradient((x @ w).mean(), [w])
+
+    stats = gradient_covariance_trace(sample, n)
+    expected = float(s2.sum()) / batch
+    # each coordinate's sample variance is (s2/B) chi2_{n-1} / (n-1): Var = 2 (s2/B)^2 / (n-1)
+    sd = math.sqrt(float((2 * (s2 / batch) ** 2 / (n - 1)).sum()))
+    assert abs(stats.trace_cov - expected) < 4 * sd, (stats.trace_cov, expected, sd)
+    assert torch.allclose(stats.mean_grad, mu, atol=float(5 * (s2.max() / (batch * n)).sqrt()))
+    assert stats.num_samples == n and stats.mean_grad_norm > 0
+
+
+def test_variance_estimator_is_unbiased_with_few_samples():
+    """With n = 3 samples the (n - 1) normalisation matters: a biased (n) estimator would be 33% low.
+    Isotropic case: (n - 1) * trace_hat / (s2 / B) ~ chi2 with d (n - 1) degrees of freedom, so the sum
+    over R repetitions is chi2 with R d (n - 1) degrees of freedom."""
+    d, batch, n, reps, s2 = 4, 2, 3, 300, 2.0
+    w = torch.zeros(d, dtype=torch.float64, requires_grad=True)
+    gen = torch.Generator().manual_seed(2)
+
+    def sample(_):
+        x = math.sqrt(s2) * torch.randn(batch, d, generator=gen, dtype=torch.float64) + 5.0
+        return flat_gradient((x @ w).mean(), [w])
+
+    total = sum((n - 1) * gradient_covariance_trace(sample, n).trace_cov / (s2 / batch) for _ in range(reps))
+    dof = reps * d * (n - 1)
+    assert abs(total - dof) < 4 * math.sqrt(2 * dof), (total, dof)
+
+
+def test_gradients_are_zeroed_between_samples():
+    """A deterministic objective: every sample is the same gradient, so the trace is exactly 0 and
+    the mean norm is the single gradient's norm; ``.grad`` is neither read nor written."""
+    layer = torch.nn.Linear(3, 2)
+    x = torch.tensor([[0.3, -1.0, 2.0], [1.0, 0.5, -0.2]])
+    for p in layer.parameters():
+        p.grad = torch.full_like(p, 123.0)
+
+    def grad(_=0):
+        return flat_gradient(layer(x).square().sum(), list(layer.parameters()))
+
+    stats = gradient_covariance_trace(grad, 6)
+    assert stats.trace_cov == 0.0
+    assert stats.mean_grad_norm == pytest.approx(float(torch.linalg.vector_norm(grad().double())), rel=1e-12)
+    assert all(torch.equal(p.grad, torch.full_like(p, 123.0)) for p in layer.parameters())
+
+    # the reference code's bug: .backward() without zeroing accumulates, and the "samples" differ
+    for p in layer.parameters():
+        p.grad = None
+
+    def accumulating(_):
+        layer(x).square().sum().backward()
+        return torch.cat([p.grad.reshape(-1) for p in layer.parameters()]).clone()
+
+    assert gradient_covariance_trace(accumulating, 6).trace_cov > 0
+
+
+def test_estimator_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="num_samples must be an int >= 2"):
+        gradient_covariance_trace(lambda i: torch.zeros(3), 1)
+    with pytest.raises(ValueError, match="1-D gradient tensor"):
+        gradient_covariance_trace(lambda i: torch.zeros(2, 2), 2)
+    with pytest.raises(ValueError, match="same length"):
+        gradient_covariance_trace(lambda i: torch.zeros(2 + i), 2)
+    with pytest.raises(ValueError, match="loss must be a scalar"):
+        flat_gradient(torch.zeros(2, requires_grad=True), [torch.zeros(1, requires_grad=True)])
+
+
+def _linear_problem(B=32, o=4, a=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(o, o, generator=g, dtype=torch.float64)
+    Bm = torch.randn(o, a, generator=g, dtype=torch.float64)
+    s = torch.randn(B, o, generator=g, dtype=torch.float64)
+    u = torch.randn(B, a, generator=g, dtype=torch.float64)
+    return A, Bm, s, u
+
+
+def test_linear_model_has_zero_jacobian_error_and_known_perturbed_error():
+    A, Bm, s, u = _linear_problem()
+    B, o, a = s.shape[0], A.shape[0], Bm.shape[1]
+    true_next = s @ A.T + u @ Bm.T
+    d_obs, d_act = A.expand(B, o, o), Bm.expand(B, o, a)
+    exact = jacobian_errors(lambda x, y: x @ A.T + y @ Bm.T, s, u, d_obs, d_act, true_next)
+    assert exact["jac_state_err"] < 1e-12 and exact["jac_action_err"] < 1e-12 and exact["pred_mse"] < 1e-24
+
+    dA = 0.1 * torch.ones(o, o, dtype=torch.float64)
+    dB = torch.zeros(o, a, dtype=torch.float64)
+    dB[0, 1] = 0.5
+    wrong = jacobian_errors(lambda x, y: x @ (A + dA).T + y @ (Bm + dB).T, s, u, d_obs, d_act, true_next)
+    assert wrong["jac_state_err"] == pytest.approx(float(dA.norm() / A.norm()), rel=1e-10)
+    assert wrong["jac_action_err"] == pytest.approx(float(dB.norm() / Bm.norm()), rel=1e-10)
+    assert wrong["pred_mse"] == pytest.approx(float((s @ dA.T + u @ dB.T).square().mean()), rel=1e-10)
+
+
+def test_derived_columns_are_excluded_from_the_state_error():
+    A, Bm, s, u = _linear_problem()
+    B, o, a = s.shape[0], A.shape[0], Bm.shape[1]
+    A_true = A.clone()
+    A_true[:, -1] = 0.0  # a derived observation entry: dynamics_jacobians leaves its column zero
+    d_obs, d_act = A_true.expand(B, o, o), Bm.expand(B, o, a)
+    mask = np.array([True] * (o - 1) + [False])
+    model = lambda x, y: x @ A.T + y @ Bm.T  # noqa: E731 - the model does read the derived entry
+    err = jacobian_errors(model, s, u, d_obs, d_act, s @ A.T + u @ Bm.T, state_cols=mask)
+    assert err["jac_state_err"] < 1e-12
+    err_all = jacobian_errors(model, s, u, d_obs, d_act, s @ A.T + u @ Bm.T)
+    assert err_all["jac_state_err"] == pytest.approx(float(A[:, -1].norm() / A_true.norm()), rel=1e-10)
+    with pytest.raises(ValueError, match="state_cols"):
+        jacobian_errors(model, s, u, d_obs, d_act, s @ A.T, state_cols=np.array([True, False]))
+    with pytest.raises(ValueError, match="d_obs_true"):
+        jacobian_errors(model, s, u, d_obs[:, :2], d_act, s @ A.T)
+
+
+class _LinearEnsemble(torch.nn.Module):
+    """What the diagnostics see of a ProbabilisticEnsemble: member m predicts s' = A_m s + B a."""
+
+    def __init__(self, As, Bm, elites):
+        super().__init__()
+        self.As, self.Bm = As, Bm
+        self.register_buffer("elite_idx", torch.tensor(elites, dtype=torch.int64))
+
+    def predict(self, obs, act, members=None, deterministic=True):
+        A = self.As.to(obs.dtype)[members]  # [B, o, o]
+        return torch.einsum("bij,bj->bi", A, obs) + act @ self.Bm.to(obs.dtype).T, None
+
+
+def test_ensemble_errors_average_the_elite_members():
+    A, Bm, s, u = _linear_problem()
+    B, o, a = s.shape[0], A.shape[0], Bm.shape[1]
+    dA = 0.2 * torch.eye(o, dtype=torch.float64)
+    As = torch.stack([A, A + 5.0, A + dA])  # member 1 is not an elite: ignored
+    err = ensemble_jacobian_errors(_LinearEnsemble(As, Bm, [0, 2]), s, u, A.expand(B, o, o), Bm.expand(B, o, a),
+                                   s @ A.T + u @ Bm.T)
+    assert err["members"] == 2
+    assert err["jac_state_err"] == pytest.approx(0.5 * float(dA.norm() / A.norm()), rel=1e-5)  # float32 inside
+    assert err["jac_action_err"] < 1e-6
+
+
+def test_input_jacobians_match_autograd_on_a_nonlinear_map():
+    g = torch.Generator().manual_seed(3)
+    W, V = torch.randn(3, 3, generator=g, dtype=torch.float64), torch.randn(2, 3, generator=g, dtype=torch.float64)
+    f = lambda s, u: torch.tanh(s @ W + u @ V)  # noqa: E731
+    s, u = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 2, generator=g, dtype=torch.float64)
+    out, d_s, d_u = input_jacobians(f, s, u)
+    for b in range(5):
+        js, ju = torch.autograd.functional.jacobian(lambda x, y: f(x[None], y[None])[0], (s[b], u[b]))
+        assert torch.allclose(d_s[b], js) and torch.allclose(d_u[b], ju)
+    assert torch.allclose(out, f(s, u))
+
+
+def test_held_out_transitions_pair_states_with_actions():
+    env = make("InvertedPendulum", 4, seed=5, num_threads=1)
+    env.reset(seed=5)
+    policy = TanhGaussianPolicy(env.obs_dim, env.act_dim, 16, 1, action_scale=3.0).eval()
+    held = collect_transitions(env, policy, 12, 10, torch.Generator().manual_seed(0), np.random.default_rng(0))
+    assert held.states.shape[0] == held.obs.shape[0] == held.actions.shape[0] == 12
+    truth = dynamics_jacobians(env, held.actions, held.states)
+    np.testing.assert_allclose(truth.next_obs, held.next_obs, atol=1e-12)  # same state, same action, same step
+    env.close()
+
+
+# ---- runs, the training-time hook and the command line ---------------------------------------------------
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Tiny runs made once for the module: ddppo-sn with diagnostics every 50 steps, the same without,
+    the same interrupted at 100 and resumed to 200, maac with diagnostics, and sac."""
+    root = tmp_path_factory.mktemp("diag_runs")
+    common = [*TINY, "--logdir", str(root), "--seed", "1"]
+    assert train.main([*common, "--algo", "ddppo-sn", "--steps", "200", "--diag-every", "50", "--run-name", "sn"]) == 0
+    assert train.main([*common, "--algo", "ddppo-sn", "--steps", "200", "--diag-every", "0", "--run-name", "off"]) == 0
+    assert train.main([*common, "--algo", "ddppo-sn", "--steps", "100", "--diag-every", "50", "--run-name", "half"]) == 0
+    with open(root / "half" / DIAG_CSV, "a") as fh:  # a row the killed run wrote after its checkpoint
+        fh.write("150,variance,gradient,1,999.0,999.0,,,,4,8\n")
+    assert train.main(["--resume", str(root / "half"), "--steps", "200", "--progress", "false"]) == 0
+    assert train.main([*common, "--algo", "maac", "--steps", "100", "--diag-every", "50", "--run-name", "maac"]) == 0
+    assert train.main([*common, "--algo", "sac", "--steps", "50", "--run-name", "sac"]) == 0
+    return root
+
+
+def test_training_writes_diagnostics_rows(runs):
+    rows = _rows(runs / "sn" / DIAG_CSV)
+    assert sorted({int(r["env_steps"]) for r in rows}) == [50, 100, 150, 200]
+    for step in (50, 200):
+        var = [r for r in rows if int(r["env_steps"]) == step and r["kind"] == "variance"]
+        assert [int(r["horizon"]) for r in var] == [1, 2, 3]  # tiny preset: diag_max_horizon = 3
+        assert all(r["model"] == "gradient" and float(r["trace_cov"]) > 0 and float(r["mean_grad_norm"]) > 0
+                   and r["jac_state_err"] == "" for r in var)
+        jac = [r for r in rows if int(r["env_steps"]) == step and r["kind"] == "jacobian"]
+        assert [r["model"] for r in jac] == ["prediction", "gradient"]
+        for r in jac:
+            assert r["horizon"] == "" and int(r["samples"]) == 16
+            assert all(0 < float(r[k]) < math.inf for k in ("jac_state_err", "jac_action_err", "pred_mse"))
+    maac = _rows(runs / "maac" / DIAG_CSV)
+    assert {r["model"] for r in maac} == {"prediction"} and {r["kind"] for r in maac} == {"variance", "jacobian"}
+    assert not (runs / "sac" / DIAG_CSV).exists() and not (runs / "off" / DIAG_CSV).exists()
+
+
+def test_diagnostics_do_not_change_training(runs):
+    on, off = read_metrics(str(runs / "sn")), read_metrics(str(runs / "off"))
+    assert len(on) == len(off) == 4
+    for a, b in zip(on, off):
+        assert {k: v for k, v in a.items() if k not in TIMING_COLUMNS} == \
+               {k: v for k, v in b.items() if k not in TIMING_COLUMNS}
+
+
+def test_resume_drops_rows_after_the_checkpoint_and_reproduces_them(runs):
+    full, resumed = _rows(runs / "sn" / DIAG_CSV), _rows(runs / "half" / DIAG_CSV)
+    assert all(r["trace_cov"] != "999.0" for r in resumed)
+    assert resumed == full  # rows after step 100 dropped, then recomputed identically
+
+
+def test_measurements_leave_the_agent_untouched(runs):
+    run = load_run(str(runs / "sn"))
+    agent = run.agent
+    modules = {"policy": agent.policy, "model": agent.model, "grad_model": agent.grad_model, "critic": agent.critic}
+    agent.model.eval()  # a mixed starting state: must come back as it was
+    before = {k: {n: t.clone() for n, t in m.state_dict().items() if isinstance(t, torch.Tensor)}
+              for k, m in modules.items()}
+    modes = {k: m.training for k, m in modules.items()}
+    flags = {k: [p.requires_grad for p in m.parameters()] for k, m in modules.items()}
+    rng = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    settings = Settings.from_config(run.cfg)
+    var = variance_rows(agent, run.buffer, run.cfg, run.step, settings)
+    jac = jacobian_rows(agent, run.cfg, run.step, settings)
+    assert torch.equal(rng[0], torch.get_rng_state()) and np.array_equal(rng[1], np.random.get_state()[1])
+    assert rng[2] == random.getstate()
+    for k, m in modules.items():
+        assert m.training == modes[k], k
+        assert [p.requires_grad for p in m.parameters()] == flags[k], k
+        assert all(p.grad is None for p in m.parameters()), k
+        for n, t in m.state_dict().items():
+            if isinstance(t, torch.Tensor):
+                assert torch.equal(t, before[k][n]), (k, n)  # includes the spectral-norm u, v buffers
+    # the checkpoint's step reproduces the training-time rows of that step
+    train_rows = [r for r in _rows(runs / "sn" / DIAG_CSV) if int(r["env_steps"]) == run.step]
+    assert [float(r["trace_cov"]) for r in train_rows if r["kind"] == "variance"] == [r["trace_cov"] for r in var]
+    assert [float(r["jac_state_err"]) for r in train_rows if r["kind"] == "jacobian"] == \
+           [r["jac_state_err"] for r in jac]
+
+
+def test_rp_gradient_variance_arguments(runs):
+    run = load_run(str(runs / "maac"))
+    a = run.agent
+    pool = run.buffer.all().obs[:32]
+    kw = dict(gamma=0.99, alpha=a.alpha, termination_fn=a.termination, num_samples=3, batch_size=4, seed=7)
+    first = rp_gradient_variance(a.policy, a.model, a.critic, pool, [0, 2], **kw)
+    again = rp_gradient_variance(a.policy, a.model, a.critic, pool, [0, 2], **kw)
+    assert first == again and [r["horizon"] for r in first] == [0, 2]  # seeded: reproducible
+    with pytest.raises(ValueError, match="horizons"):
+        rp_gradient_variance(a.policy, a.model, a.critic, pool, [-1], **kw)
+    with pytest.raises(ValueError, match="start_states"):
+        rp_gradient_variance(a.policy, a.model, a.critic, pool[0], [1], **kw)
+    with frozen_modules([a.model], trainable=a.policy):
+        assert not a.model.training and not any(p.requires_grad for p in a.model.parameters())
+    assert all(p.requires_grad for p in a.model.parameters())
+
+
+def test_cli_variance_and_jacobian(runs, tmp_path, capsys):
+    out = tmp_path / "var.png"
+    assert diag_main(["variance", str(runs / "maac"), str(runs / "sn"), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "maac s1 @100" in text and "ddppo-sn s1 @200" in text
+    assert out.exists() and 0 < out.stat().st_size < 150_000
+    rows = _rows(runs / "sn" / CLI_CSV)
+    assert list(rows[0]) == CLI_COLUMNS and [int(r["horizon"]) for r in rows] == [1, 2, 3]
+    assert rows[0]["algo"] == "ddppo-sn" and rows[0]["env_steps"] == "200"
+    train_rows = [r for r in _rows(runs / "sn" / DIAG_CSV) if r["env_steps"] == "200" and r["kind"] == "variance"]
+    assert [r["trace_cov"] for r in rows] == [r["trace_cov"] for r in train_rows]
+
+    csv_path = tmp_path / "all.csv"
+    assert diag_main(["variance", str(runs / "sn"), "--max-horizon", "5", "--samples", "3", "--min-horizon", "0",
+                      "--csv", str(csv_path), "--out", str(tmp_path / "v2.png")]) == 0
+    assert [int(r["horizon"]) for r in _rows(csv_path)] == [0, 1, 2, 3, 4, 5]
+
+    assert diag_main(["jacobian", str(runs / "sn"), "--csv", str(tmp_path / "jac.csv")]) == 0
+    assert (runs / "sn" / "jacobian.png").exists() and (runs / "sn" / "jacobian.png").stat().st_size < 150_000
+    jac = _rows(tmp_path / "jac.csv")
+    assert [r["model"] for r in jac] == ["prediction", "gradient"] and all(r["kind"] == "jacobian" for r in jac)
+    assert "training-time rows" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["variance", "{root}/missing"], "no such run directory"),
+    (["variance", "{root}"], "no checkpoint.pt"),
+    (["variance", "{root}/sac"], "variance needs maac, rp-sn, ddppo or ddppo-sn"),
+    (["jacobian", "{root}/sac"], "the jacobian diagnostic needs mbpo"),
+    (["variance", "{root}/sn", "--min-horizon", "4", "--max-horizon", "2"], "--max-horizon must be >= min-horizon"),
+    (["variance", "{root}/sn", "--min-horizon", "-1"], "--min-horizon must be an int >= 0"),
+    (["variance", "{root}/sn", "--samples", "1"], "--samples must be an int >= 2"),
+    (["variance", "{root}/sn", "--batch", "0"], "--batch must be an int >= 1"),
+    (["jacobian", "{root}/sn", "--transitions", "0"], "--transitions must be an int >= 1"),
+    (["variance", "{root}/sn", "--csv", "{root}/sn/metrics.csv"], "--csv:"),
+    (["variance", "{root}/sn", "--max-horizon", "x"], "invalid int value: 'x'"),
+    (["gradients", "{root}/sn"], "invalid choice: 'gradients'"),
+    ([], "the following arguments are required"),
+])
+def test_cli_bad_input_exits_2_with_one_line(runs, capsys, argv, message):
+    argv = [a.format(root=runs) for a in argv]
+    assert diag_main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_config_checks_diagnostics_fields():
+    with pytest.raises(CliError, match="--diag-every: must be a multiple of --log-every"):
+        parse_args(["--diag-every", "1500"])
+    with pytest.raises(CliError, match="--diag-samples: must be >= 2"):
+        parse_args(["--diag-samples", "1"])
+    with pytest.raises(CliError, match="--diag-every: must be >= 0"):
+        parse_args(["--diag-every", "-1000"])
+    assert parse_args(["--diag-every", "0"]).diag_every == 0
+
+
+def test_unreadable_or_foreign_checkpoints_exit_2(runs, tmp_path, capsys):
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert diag_main(["jacobian", str(tmp_path / "torn")]) == 2
+    assert "cannot read the checkpoint" in capsys.readouterr().err
+    state = torch.load(str(runs / "maac" / "checkpoint.pt"), map_location="cpu", weights_only=False)
+    del state["agent"]["policy"]["net.weights.0"]  # as if written by another fastrp version
+    (tmp_path / "foreign").mkdir()
+    torch.save(state, str(tmp_path / "foreign" / "checkpoint.pt"))
+    assert diag_main(["variance", str(tmp_path / "foreign")]) == 2
+    err = capsys.readouterr().err
+    assert "does not match this fastrp's maac agent" in err and err.count("\n") == 1
