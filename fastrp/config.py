@@ -143,7 +143,7 @@ class Config:
     """Query points of the directional-derivative loss per gradient-model step (each brings fd_k tangents)."""
     # ---- diagnostics -------------------------------------------------------------------------------
     diag_every: int = 10_000
-    """Run the gradient diagnostics (fastrp.diagnostics) every this many env steps after warm-up, rows in <run_dir>/diagnostics.csv (a multiple of log_every; 0 = off)."""
+    """Run the gradient diagnostics (fastrp.diagnostics) every this many env steps after warm-up (at the first log row at or past each multiple), rows in <run_dir>/diagnostics.csv (0 = off)."""
     diag_states: int = 1024
     """Gradient variance: real start states drawn once per pass from the replay buffer (the fixed pool)."""
     diag_batch: int = 64
@@ -316,7 +316,6 @@ def validate(cfg: Config) -> None:
         (cfg.eval_every % cfg.log_every == 0, "--eval-every: must be a multiple of --log-every"),
         (cfg.checkpoint_every % cfg.log_every == 0, "--checkpoint-every: must be a multiple of --log-every"),
         (not cfg.cuda_graphs or cfg.compile, "--cuda-graphs: needs --compile"),
-        (cfg.diag_every % cfg.log_every == 0, "--diag-every: must be a multiple of --log-every (0 = off)"),
         (cfg.diag_samples >= 2, f"--diag-samples: must be >= 2 (a sample variance), got {cfg.diag_samples}"),
         (cfg.device in DEVICES, f"--device: choose from {', '.join(DEVICES)}"),
     ]
@@ -330,6 +329,31 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Config:
     :class:`CliError` on an unknown flag or an invalid value."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     return resolve(vars(args))
+
+
+# Fields added after the first release, with the value that reproduces how runs without them
+# behaved (checkpoints of such runs hold a config without these keys).
+_LEGACY_DEFAULTS: Dict[str, object] = {"obs_norm": False, "model_max_steps": 0, "diag_every": 0}
+
+RESUME_FIXED = ("env", "algo", "seed", "preset", "obs_norm", "hidden_dim", "num_layers", "ensemble_size",
+                "num_elites", "model_hidden_dim", "model_num_layers", "policy_spectral_norm", "model_spectral_norm")
+"""Fields a resumed run cannot change: they decide which networks the checkpoint holds."""
+
+
+def config_from_checkpoint(values: Dict[str, object]) -> Config:
+    """The :class:`Config` of a checkpoint's ``config`` dict. Fields the writing version did not
+    have get the value that reproduces its behaviour (e.g. no observation normalisation, the FD
+    query batch equal to ``model_batch_size``), not today's defaults; unknown keys (from a newer
+    version) raise :class:`CliError`."""
+    values = dict(values)
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise CliError(f"the checkpoint's config has fields this fastrp version does not know: {', '.join(unknown)}")
+    for key, value in _LEGACY_DEFAULTS.items():
+        values.setdefault(key, value)
+    values.setdefault("fd_batch_size", values.get("model_batch_size", Config.model_batch_size))
+    return Config(**values)
 
 
 def given_flags(argv: Sequence[str]) -> List[str]:

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from fastrp import algos
-from fastrp.config import CliError, Config, build_parser, given_flags, parse_args, validate
+from fastrp.config import (RESUME_FIXED, CliError, Config, build_parser, config_from_checkpoint, given_flags,
+                           parse_args, validate)
 from fastrp.diagnostics.run import TrainingDiagnostics
 from fastrp.envs import make, termination_fn
 from fastrp.rl import checkpoint as ckpt
@@ -35,6 +36,10 @@ EXIT_DIVERGED = 3
 
 class Diverged(RuntimeError):
     """The run kept producing non-finite updates."""
+
+
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint's tensors do not fit the networks built from its config."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,7 +91,12 @@ class Trainer:
         self.bad_intervals = 0
         self.last_good_step: Optional[int] = None
         if resume_state is not None:
-            self._load(resume_state)
+            try:
+                self._load(resume_state)
+            except (RuntimeError, KeyError, ValueError) as err:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise CheckpointMismatch(f"the checkpoint in {run_dir} does not fit the networks built from its "
+                                         f"config: {first}") from err
         self.logger = MetricsLogger(run_dir, resume_step=self.step if resume_state is not None else None)
         self.diagnostics = TrainingDiagnostics(cfg, run_dir, resume_step=self.step if resume_state is not None else None)
         self.ckpt_path = os.path.join(run_dir, ckpt.CHECKPOINT_NAME)
@@ -200,7 +210,8 @@ class Trainer:
             if math.isfinite(self.last_eval):
                 self.best_eval = self.last_eval if self.best_eval is None else max(self.best_eval, self.last_eval)
         self.logger.write(row)
-        if cfg.diag_every > 0 and self.step % cfg.diag_every == 0:
+        previous = self.step - (self.step % cfg.log_every or cfg.log_every)  # the log row before this one
+        if cfg.diag_every > 0 and self.step // cfg.diag_every > max(previous, 0) // cfg.diag_every:
             self.diagnostics(self)  # rows go to <run_dir>/diagnostics.csv; never changes the training state
         if self.bad_intervals >= cfg.max_bad_intervals:
             where = (f"the last good checkpoint (env step {self.last_good_step}) is {self.ckpt_path}"
@@ -239,12 +250,12 @@ def setup(argv: Sequence[str]):
     if not os.path.exists(path):
         raise CliError(f"--resume: no checkpoint at {path}")
     state = ckpt.load(path)
-    values = dict(state["config"])
+    values = dataclasses.asdict(config_from_checkpoint(state["config"]))
     explicit = vars(build_parser().parse_args(list(argv)))
     for key in given_flags(argv):
-        if key in ("env", "algo", "seed", "preset"):
+        if key in RESUME_FIXED:
             if explicit[key] != values[key]:
-                raise CliError(f"--{key}: cannot change on --resume (the run uses {values[key]!r})")
+                raise CliError(f"--{key.replace('_', '-')}: cannot change on --resume (the run uses {values[key]!r})")
             continue
         values[key] = explicit[key]
     values["resume"] = ""
@@ -266,12 +277,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         trainer = Trainer(cfg, run_dir, state)
-    except (RuntimeError, KeyError) as err:
-        if state is None:
-            raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"python -m fastrp.train: error: --resume: the checkpoint in {run_dir} does not fit the networks this "
-              f"fastrp version builds from its config (written by another version?): {first}", file=sys.stderr)
+    except CheckpointMismatch as err:
+        print(f"python -m fastrp.train: error: --resume: {err}", file=sys.stderr)
         return 2
     _write_config(cfg, run_dir)
     try:

@@ -167,3 +167,17 @@ def test_policy_update_leaves_model_state_alone():
     assert agent.model.training and agent.grad_model.training  # modes restored
     assert all(p.requires_grad for p in agent.model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(weights, agent.policy.parameters()))
+
+
+def test_ensemble_linear_auto_matches_registered_op():
+    from fastrp.ops import ensemble_linear
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 4, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    s = torch.rand(3, generator=g, dtype=torch.float64).requires_grad_()
+    auto, op = ensemble_linear(x, w, b, s), ensemble_linear(x, w, b, s, backend="torch")
+    torch.testing.assert_close(auto, op, rtol=1e-12, atol=1e-12)
+    for ga, go in zip(_grads(auto, [x, w, b, s]), _grads(op, [x, w, b, s])):
+        torch.testing.assert_close(ga, go, rtol=1e-12, atol=1e-12)

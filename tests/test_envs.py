@@ -424,3 +424,26 @@ def test_check_env_single(name):
     np.testing.assert_array_equal(out[0], r_out[0])
     assert_reward_equal(out[1], r_out[1])
     assert out[2:4] == tuple(r_out[2:4])
+
+
+def test_state_dict_round_trip_continues_exactly():
+    a = make("Hopper", 3, seed=5)
+    a.reset(seed=5)
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(-1, 1, (60, 3, a.act_dim))
+    for act in actions[:30]:
+        a.step_transition(act)
+    state = a.state_dict()
+    b = make("Hopper", 3, seed=123)
+    b.reset(seed=123)
+    b.load_state_dict(state)
+    for act in actions[30:]:  # episodes end and reset on the way: the generators must match too
+        ta, tb = a.step_transition(act), b.step_transition(act)
+        for x, y in zip(ta, tb):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    with pytest.raises(ValueError, match="state\\['sim'\\]"):
+        c = make("HalfCheetah", 3, seed=0)
+        c.reset(seed=0)
+        c.load_state_dict(state)
+    with pytest.raises(RuntimeError, match="first reset"):
+        make("Hopper", 2).state_dict()

@@ -168,18 +168,26 @@ def test_resume_errors(tmp_path, capsys):
     assert "already at env step 100" in capsys.readouterr().err
     assert run_main(tmp_path, "--algo", "sac", "--steps", "100", "--run-name", "r") == 2
     assert "already holds a run" in capsys.readouterr().err
-    # a checkpoint from a version without observation normalisation: one line, exit 2, config kept
+    assert train.main(["--resume", str(tmp_path / "r"), "--obs-norm", "false"]) == 2
+    assert "--obs-norm: cannot change on --resume" in capsys.readouterr().err
+    # tensors that do not fit the networks: one line, exit 2, the run's config.json untouched
     path = tmp_path / "r" / "checkpoint.pt"
-    state = torch.load(path, weights_only=False)
-    del state["config"]["obs_norm"]
-    for key in ("policy", "critic", "critic_target"):
-        state["agent"][key] = {k: v for k, v in state["agent"][key].items() if not k.startswith("obs_normalizer.")}
-    torch.save(state, path)
+    good = torch.load(path, weights_only=False)
+    bad = torch.load(path, weights_only=False)
+    bad["agent"]["policy"]["net.weights.0"] = torch.zeros(1, 2, 3)
+    torch.save(bad, path)
     config_before = (tmp_path / "r" / "config.json").read_text()
     assert train.main(["--resume", str(tmp_path / "r"), "--steps", "200"]) == 2
     err = capsys.readouterr().err
     assert "does not fit the networks" in err and len(err.strip().splitlines()) == 1
     assert (tmp_path / "r" / "config.json").read_text() == config_before
+    # a checkpoint written before observation normalisation existed resumes as it ran (obs_norm off)
+    old = dict(good, config={k: v for k, v in good["config"].items() if k not in ("obs_norm", "diag_every")})
+    for key in ("policy", "critic", "critic_target"):
+        old["agent"][key] = {k: v for k, v in good["agent"][key].items() if not k.startswith("obs_normalizer.")}
+    torch.save(old, path)
+    assert train.main(["--resume", str(tmp_path / "r"), "--steps", "150", "--progress", "false"]) == 0
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["obs_norm"] is False
 
 
 def test_help_documents_every_field():

@@ -46,6 +46,7 @@ class MAAC(MBPO):
         frozen = [self.critic] + models
         for m in frozen:  # only the policy is differentiated: no graph through the other weights
             m.requires_grad_(False)
+        modes = [m.training for m in models]
         for m in models:  # the models' spectral-norm vectors belong to model training: eval mode
             m.eval()
         try:
@@ -60,7 +61,7 @@ class MAAC(MBPO):
         finally:
             for m in frozen:
                 m.requires_grad_(True)
-            for m in models:
-                m.train()
+            for m, mode in zip(models, modes):
+                m.train(mode)
         extra = {"model_return": info["return"], "imagined_alive": info["alive"]}
         return loss, -info["entropy"], extra

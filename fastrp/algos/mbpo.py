@@ -86,11 +86,14 @@ class MBPO(SAC):
         out.update(self.fit_models(buffer))
         length = rollout_length(cfg, step)
         start = buffer.sample(cfg.rollout_batch_size).obs
+        modes = (self.policy.training, self.model.training)
         self.policy.eval()
         self.model.eval()  # stored SN vectors: the rollout must not move the model's power iteration
-        rows = model_rollout(self.policy, self.model, start, length, self.termination)
-        self.model.train()
-        self.policy.train()
+        try:
+            rows = model_rollout(self.policy, self.model, start, length, self.termination)
+        finally:
+            self.policy.train(modes[0])
+            self.model.train(modes[1])
         finite = torch.ones(rows["reward"].shape[0], dtype=torch.bool, device=self.device)
         for key in ("obs", "action", "reward", "next_obs"):
             finite &= torch.isfinite(rows[key].reshape(finite.shape[0], -1)).all(dim=1)

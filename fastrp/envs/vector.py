@@ -295,6 +295,38 @@ class MujocoVectorEnv(VectorEnv):
         time, qpos, qvel, act, warm start, ctrl, ... -- what :func:`dynamics_jacobians` takes."""
         return np.array(self._physics.get_state())
 
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to continue exactly (for checkpoints): the full simulator
+        integration states, episode clocks and returns, the pending resets, the reset generators
+        and the current observations (numpy arrays and generator states, picklable)."""
+        if self._rngs is None:
+            raise RuntimeError("state_dict() before the first reset(): the env has no state yet")
+        return {
+            "sim": self.get_state(),
+            "obs": self._obs.copy(),
+            "elapsed": self._elapsed.copy(),
+            "returns": self._returns.copy(),
+            "needs_reset": self._needs_reset.copy(),
+            "rngs": [rng.bit_generator.state for rng in self._rngs],
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` into an env of the same task and size (reset once before)."""
+        sim = np.asarray(state["sim"])
+        if sim.shape != self.get_state().shape:
+            raise ValueError(f"state['sim']: expected shape {self.get_state().shape} (task {self.task.name!r}, "
+                             f"{self.num_envs} envs), got {sim.shape}")
+        if len(state["rngs"]) != self.num_envs:
+            raise ValueError(f"state['rngs']: expected {self.num_envs} generator states, got {len(state['rngs'])}")
+        self._physics.set_state(sim)
+        self.set_state(self.qpos, self.qvel)  # mj_forward: refresh the derived fields of the restored state
+        self._obs[:] = state["obs"]
+        self._elapsed[:] = state["elapsed"]
+        self._returns[:] = state["returns"]
+        self._needs_reset[:] = state["needs_reset"]
+        for rng, bit_state in zip(self._rngs, state["rngs"]):
+            rng.bit_generator.state = bit_state
+
     @property
     def state_spec(self):
         """The ``mujoco.mjtState`` spec of :meth:`get_state` rows."""

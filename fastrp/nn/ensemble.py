@@ -188,7 +188,9 @@ class EnsembleMLP(nn.Module):
         entry (one power iteration in training mode, as a single forward would run), like
         ``torch.nn.utils.parametrize.cached()``. For several forwards with unchanged weights, e.g.
         the steps of a policy unroll; the scales stay in the autograd graph, so gradients through
-        ``1 / sigma`` are those of the uncached forwards. Nesting keeps the outer cache."""
+        ``1 / sigma`` are those of the uncached forwards. Nesting keeps the outer cache. Enter it
+        with gradients enabled when the forwards inside need weight gradients: scales cached
+        under ``no_grad`` carry no graph."""
         if not self.sn_layers or self._scale_cache is not None:
             yield
             return

@@ -40,7 +40,8 @@ class RunningNormalizer(nn.Module):
         eps: lower bound on the std when ``clip_std`` is None (``> 0``).
         clip_std: optional ``(lo, hi)`` with ``0 < lo <= hi``; RP-PGM uses ``(0.1, 10.0)``.
 
-    Buffers: ``count`` (float64 scalar, rows seen), ``mean[dim]``, ``var[dim]``, ``std[dim]``.
+    Buffers: ``count`` (float64 scalar, rows seen), ``mean[dim]`` and ``var[dim]`` (float64),
+    ``std[dim]`` (float32).
     """
 
     def __init__(self, dim: int, eps: float = 1e-8, clip_std: Optional[Tuple[float, float]] = None) -> None:
@@ -56,9 +57,11 @@ class RunningNormalizer(nn.Module):
         self.dim = dim
         self.eps = float(eps)
         self.clip_std = clip_std
+        # the running moments stay in float64: merged one row at a time over millions of env
+        # steps, float32 storage would stop absorbing updates once delta / n drops below an ulp
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("var", torch.ones(dim))
+        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(dim, dtype=torch.float64))
         self.register_buffer("std", torch.ones(dim))
         self.reset()
 
@@ -89,8 +92,8 @@ class RunningNormalizer(nn.Module):
         mean_b = xb.mean(dim=0)
         m2_b = (xb - mean_b).square().sum(dim=0)
         n_a = self.count
-        mean_a = self.mean.to(torch.float64)
-        m2_a = self.var.to(torch.float64) * n_a
+        mean_a = self.mean
+        m2_a = self.var * n_a
         n = n_a + n_b
         delta = mean_b - mean_a
         mean = mean_a + delta * (n_b / n)

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ._common import check_tensor, resolve_backend
+from ._common import check_tensor, eager_autograd, resolve_backend
 
 __all__ = ["ensemble_linear", "ensemble_linear_ref"]
 
@@ -56,6 +56,8 @@ def ensemble_linear(
     if scale is not None:
         check_tensor("scale", scale, shape=[E], dtypes=[dtype], device=dev, what=f"[E={E}] like x's dtype")
     impl = resolve_backend("ensemble_linear", backend, dev, ("triton", "torch"))
+    if eager_autograd(backend, impl, x):
+        return ensemble_linear_ref(x, weight, bias, scale)
     y = _apply(x.reshape(E * B, d_in), None, [weight], [bias], [scale], "silu", impl)
     return y.view(E, B, d_out)
 

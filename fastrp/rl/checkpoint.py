@@ -53,26 +53,10 @@ def seed_everything(seed: int) -> None:
 
 
 def env_state(env) -> Dict[str, Any]:
-    """Everything a :class:`fastrp.envs.MujocoVectorEnv` needs to continue exactly: the full
-    simulator integration states, episode clocks and returns, the reset generators and the
-    current observations."""
-    return {
-        "sim": env.get_state(),
-        "obs": env.obs,
-        "elapsed": env._elapsed.copy(),
-        "returns": env._returns.copy(),
-        "needs_reset": env._needs_reset.copy(),
-        "rngs": [rng.bit_generator.state for rng in env._rngs],
-    }
+    """:meth:`fastrp.envs.MujocoVectorEnv.state_dict`: everything the env needs to continue exactly."""
+    return env.state_dict()
 
 
 def set_env_state(env, state: Dict[str, Any]) -> None:
     """Restore :func:`env_state` into an env of the same task and size that has been reset once."""
-    env._physics.set_state(np.asarray(state["sim"]))
-    env.set_state(env.qpos, env.qvel)  # mj_forward: refresh the derived fields of the restored state
-    env._obs[:] = state["obs"]
-    env._elapsed[:] = state["elapsed"]
-    env._returns[:] = state["returns"]
-    env._needs_reset[:] = state["needs_reset"]
-    for rng, bit_state in zip(env._rngs, state["rngs"]):
-        rng.bit_generator.state = bit_state
+    env.load_state_dict(state)
