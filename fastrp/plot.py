@@ -1,11 +1,17 @@
 """Figures of fastrp runs (matplotlib, ``Agg`` backend: no display needed).
 
 ``python -m fastrp.plot RUN_DIR... --out fig.png [--metric eval_return_mean] [--x env_steps|wall_time]``
-draws learning curves from the runs' ``metrics.csv``: runs are grouped by (env, algo) from their
-``config.json``, each group is drawn as the mean over its runs (seeds) with a +-1 std band, one
-subplot per env. Rows are aligned on ``env_steps`` and only rows where the metric has a value are
-used (evaluations happen every ``eval_every`` steps); with ``--x wall_time`` a group's x is the mean
-wall time of its runs at that env step.
+draws learning curves from the runs' ``metrics.csv``, one subplot per env. Runs are grouped by
+their ``config.json`` (:func:`group_curves`): by env, algo and every other config field that takes
+more than one value among the given runs of that env - except the fields that do not change what
+is learned (:data:`NOT_GROUPED`: seed, run name, log dir, resume, steps, device, progress, the
+eval / log / checkpoint cadences and the diagnostics settings). A group is labelled by its algo
+plus those differing fields (``maac hidden_dim=64``), leaving out fields the algorithm presets set
+that only differ between algorithms (``rp-sn``'s spectral-norm flags next to ``maac``). Each
+group is drawn as the mean over its runs (seeds) with a +-1 std band. Rows are aligned on
+``env_steps`` and only rows where the metric has a value are used (evaluations happen every
+``eval_every`` steps); with ``--x wall_time`` a group's x is the mean wall time of its runs at
+that env step.
 
 The same module draws the diagnostics figures of ``python -m fastrp.diagnostics``:
 :func:`variance_figure` (trace of the gradient covariance against H, one line per run) and
@@ -26,10 +32,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["PlotError", "RunCurves", "read_run", "group_curves", "learning_curves_figure", "variance_figure",
-           "jacobian_figure", "main"]
+__all__ = ["PlotError", "RunCurves", "NOT_GROUPED", "read_run", "group_labels", "group_curves",
+           "learning_curves_figure", "variance_figure", "jacobian_figure", "main"]
 
 X_CHOICES = ("env_steps", "wall_time")
+NOT_GROUPED = frozenset({"seed", "run_name", "logdir", "resume", "steps", "device", "progress", "eval_every",
+                         "log_every", "checkpoint_every", "diag_every", "diag_states", "diag_batch", "diag_samples",
+                         "diag_max_horizon", "diag_transitions", "diag_rollout_steps"})
+"""Config fields that never split runs into separate curves: they do not change what the agent
+learns (seeds are what a group averages over; ``steps`` only ends a run earlier or later)."""
 DPI = 100
 
 
@@ -65,13 +76,33 @@ def _float(cell: Optional[str]) -> float:
 
 # ---- learning curves -------------------------------------------------------------------------------
 class RunCurves:
-    """One run's metric: ``env``, ``algo``, ``seed`` (from ``config.json``), and the rows where the
+    """One run's metric: ``env``, ``algo``, ``seed`` (from ``config.json``), its ``config`` (a dict:
+    ``config.json`` completed by :func:`fastrp.config.config_from_checkpoint`, so fields an older
+    version did not write hold the value that reproduces its behaviour), and the rows where the
     metric has a value as arrays ``steps``, ``wall`` (wall time) and ``values``."""
 
     def __init__(self, run_dir: str, env: str, algo: str, seed: int, steps: np.ndarray, wall: np.ndarray,
-                 values: np.ndarray):
+                 values: np.ndarray, config: Optional[Dict[str, object]] = None):
         self.run_dir, self.env, self.algo, self.seed = run_dir, env, algo, seed
         self.steps, self.wall, self.values = steps, wall, values
+        self.config: Dict[str, object] = dict(config) if config is not None else {"env": env, "algo": algo,
+                                                                                   "seed": seed}
+
+
+def _full_config(raw: Dict[str, object]) -> Dict[str, object]:
+    """``raw`` (a ``config.json``) with the fields it lacks filled as an old run behaved; ``raw``
+    itself when it cannot be completed (e.g. written by a newer fastrp with unknown fields)."""
+    try:
+        import dataclasses
+
+        from fastrp import config as config_mod
+
+        complete = getattr(config_mod, "config_from_checkpoint", None)
+        if complete is None:
+            return dict(raw)
+        return dataclasses.asdict(complete(dict(raw)))
+    except Exception:
+        return dict(raw)
 
 
 def read_run(run_dir: str, metric: str) -> RunCurves:
@@ -85,8 +116,13 @@ def read_run(run_dir: str, metric: str) -> RunCurves:
     config_path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(config_path):
         raise PlotError(f"{run_dir}: no config.json in it (not a fastrp run directory?)")
-    with open(config_path) as fh:
-        cfg = json.load(fh)
+    try:
+        with open(config_path) as fh:
+            cfg = json.load(fh)
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as err:
+        raise PlotError(f"{config_path}: not a fastrp config ({err})") from None
     with open(metrics_path, newline="") as fh:
         reader = csv.DictReader(fh)
         columns = reader.fieldnames or []
@@ -104,24 +140,96 @@ def read_run(run_dir: str, metric: str) -> RunCurves:
         values.append(value)
     return RunCurves(run_dir, str(cfg.get("env", "?")), str(cfg.get("algo", "?")), int(cfg.get("seed", 0)),
                      np.asarray(steps, dtype=np.int64), np.asarray(wall, dtype=np.float64),
-                     np.asarray(values, dtype=np.float64))
+                     np.asarray(values, dtype=np.float64), config=_full_config(cfg))
 
 
-def group_curves(runs: Sequence[RunCurves], x: str = "env_steps"
-                 ) -> Dict[Tuple[str, str], Dict[str, np.ndarray]]:
-    """Mean and std per (env, algo) group, aligned on env steps.
+_MISSING = object()
 
-    Returns ``{(env, algo): {"x", "mean", "std", "count", "seeds"}}``: at every env step where at
-    least one run of the group has a value, ``mean`` / ``std`` (population std, 0 for one run)
-    over the runs that have it and ``count`` of them; ``x`` is the env step, or with
-    ``x="wall_time"`` the mean wall time of those runs at that step. ``seeds`` lists the seeds.
+
+def _value_key(value) -> Tuple[str, object]:
+    """A comparison key treating ``1`` and ``1.0`` alike (JSON may write a float field either way)."""
+    if value is _MISSING:
+        return ("missing", None)
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, (int, float)):
+        return ("num", float(value))
+    return ("other", json.dumps(value, sort_keys=True, default=str))
+
+
+def _field_order() -> List[str]:
+    try:
+        import dataclasses
+
+        from fastrp.config import Config
+
+        return [f.name for f in dataclasses.fields(Config)]
+    except Exception:
+        return []
+
+
+def _algo_preset_fields() -> frozenset:
+    try:
+        from fastrp.config import ALGO_PRESETS
+
+        return frozenset(k for layer in ALGO_PRESETS.values() for k in layer)
+    except Exception:
+        return frozenset()
+
+
+def group_labels(runs: Sequence[RunCurves]) -> List[Tuple[str, str]]:
+    """The ``(env, label)`` group of each run (in order); see the module docstring.
+
+    Per env: the fields (other than env, algo and :data:`NOT_GROUPED`) with more than one value
+    among that env's runs split the runs; the label is the algo followed by ``field=value`` for
+    each of those fields in config order, except fields the algorithm presets set
+    (``fastrp.config.ALGO_PRESETS``) that are constant within every algo (the algo already names
+    them). Runs with equal labels are averaged together.
+    """
+    order = {name: i for i, name in enumerate(_field_order())}
+    algo_fields = _algo_preset_fields()
+    labels: List[Tuple[str, str]] = [("", "")] * len(runs)
+    for env in sorted({r.env for r in runs}):
+        idx = [i for i, r in enumerate(runs) if r.env == env]
+        names = sorted({k for i in idx for k in runs[i].config} - NOT_GROUPED - {"env", "algo"},
+                       key=lambda k: (order.get(k, len(order)), k))
+        shown = []
+        for name in names:
+            values = {_value_key(runs[i].config.get(name, _MISSING)) for i in idx}
+            if len(values) < 2:
+                continue
+            if name in algo_fields:
+                per_algo: Dict[str, set] = {}
+                for i in idx:
+                    per_algo.setdefault(runs[i].algo, set()).add(_value_key(runs[i].config.get(name, _MISSING)))
+                if all(len(v) == 1 for v in per_algo.values()):
+                    continue  # differs only between algorithms: the algo names it
+            shown.append(name)
+        for i in idx:
+            parts = [runs[i].algo]
+            for name in shown:
+                value = runs[i].config.get(name, _MISSING)
+                parts.append(f"{name}={'?' if value is _MISSING else value}")
+            labels[i] = (env, " ".join(parts))
+    return labels
+
+
+def group_curves(runs: Sequence[RunCurves], x: str = "env_steps") -> Dict[Tuple[str, str], Dict[str, object]]:
+    """Mean and std per group of runs (:func:`group_labels`), aligned on env steps.
+
+    Returns ``{(env, label): {"x", "mean", "std", "count", "seeds", "algo", "label", "runs"}}``:
+    at every env step where at least one run of the group has a value, ``mean`` / ``std``
+    (population std, 0 for one run) over the runs that have it and ``count`` of them; ``x`` is the
+    env step, or with ``x="wall_time"`` the mean wall time of those runs at that step. ``seeds``
+    lists the seeds, ``runs`` the run directories; ``label`` is the legend text without the seed
+    count (``algo`` alone when the runs differ in nothing else).
     """
     if x not in X_CHOICES:
         raise PlotError(f"--x: choose from {', '.join(X_CHOICES)}, got {x!r}")
     groups: Dict[Tuple[str, str], List[RunCurves]] = {}
-    for run in runs:
-        groups.setdefault((run.env, run.algo), []).append(run)
-    out: Dict[Tuple[str, str], Dict[str, np.ndarray]] = {}
+    for run, key in zip(runs, group_labels(runs)):
+        groups.setdefault(key, []).append(run)
+    out: Dict[Tuple[str, str], Dict[str, object]] = {}
     for key, members in groups.items():
         steps = np.unique(np.concatenate([r.steps for r in members])) if members else np.zeros(0, np.int64)
         xs, means, stds, counts = [], [], [], []
@@ -140,7 +248,8 @@ def group_curves(runs: Sequence[RunCurves], x: str = "env_steps"
             stds.append(float(np.std(vals)))
             counts.append(len(vals))
         out[key] = {"x": np.asarray(xs), "mean": np.asarray(means), "std": np.asarray(stds),
-                    "count": np.asarray(counts), "seeds": np.asarray(sorted(r.seed for r in members))}
+                    "count": np.asarray(counts), "seeds": np.asarray(sorted(r.seed for r in members)),
+                    "algo": members[0].algo, "label": key[1], "runs": [r.run_dir for r in members]}
     return out
 
 
@@ -160,12 +269,12 @@ def learning_curves_figure(run_dirs: Sequence[str], out: str, metric: str = "eva
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(envs), figsize=(5.0 * len(envs), 3.6), squeeze=False, layout="constrained")
     for ax, env in zip(axes[0], envs):
-        for (g_env, algo), curve in sorted(groups.items()):
+        for (g_env, label), curve in sorted(groups.items()):
             if g_env != env or curve["x"].size == 0:
                 continue
             n = len(curve["seeds"])
             line, = ax.plot(curve["x"], curve["mean"], marker="." if curve["x"].size < 30 else None,
-                            label=f"{algo} ({n} seed{'s' if n != 1 else ''})")
+                            label=f"{label} ({n} seed{'s' if n != 1 else ''})")
             ax.fill_between(curve["x"], curve["mean"] - curve["std"], curve["mean"] + curve["std"],
                             color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_title(env)
@@ -273,8 +382,11 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m fastrp.plot", allow_abbrev=False,
-                     description="Learning curves of fastrp runs: mean +- std over seeds, grouped by algorithm, "
-                                 "one subplot per env.")
+                     description="Learning curves of fastrp runs: mean +- std over seeds, one subplot per env; "
+                                 "runs are grouped by algorithm and every other config field that differs between "
+                                 "them (except seed, run name, log dir, resume, steps, device, progress, the "
+                                 "eval / log / checkpoint cadences and the diagnostics settings), and labelled by "
+                                 "the algorithm plus those fields.")
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (config.json + metrics.csv)")
     parser.add_argument("--out", required=True, help="output PNG path")
     parser.add_argument("--metric", default="eval_return_mean", help="metrics.csv column (default: eval_return_mean)")

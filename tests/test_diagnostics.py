@@ -4,16 +4,22 @@ resume, no effect on training) and the ``python -m fastrp.diagnostics`` command 
 import csv
 import math
 import random
+import types
+import weakref
 
 import numpy as np
 import pytest
 import torch
 
 from fastrp import train
-from fastrp.config import CliError, parse_args
+from fastrp.config import CliError, Config, parse_args
 from fastrp.diagnostics import (DIAG_CSV, Settings, collect_transitions, ensemble_jacobian_errors, flat_gradient,
                                 frozen_modules, gradient_covariance_trace, input_jacobians, jacobian_errors,
-                                jacobian_rows, load_run, rp_gradient_variance, variance_rows)
+                                jacobian_rows, load_run, rp_gradient_stats, rp_gradient_variance,
+                                TrainingDiagnostics, variance_rows)
+from fastrp.diagnostics.run import RunError, measurement_device, read_config, trained_device
+from fastrp.diagnostics import __main__ as cli_mod
+from fastrp.diagnostics import run as run_mod
 from fastrp.diagnostics.__main__ import CLI_COLUMNS, CLI_CSV
 from fastrp.diagnostics.__main__ import main as diag_main
 from fastrp.envs import dynamics_jacobians, make
@@ -197,6 +203,150 @@ def test_held_out_transitions_pair_states_with_actions():
     env.close()
 
 
+# ---- rp_gradient_variance end to end on a linear system ------------------------------------------------
+class _LinearDynamics(torch.nn.Module):
+    """What imagined_objective sees of a ProbabilisticEnsemble: every member predicts
+    s' = A s + B a and r = q.s + p.a (learned reward); elites are drawn from the generator."""
+
+    def __init__(self, A, Bm, q, p, ensemble_size=3):
+        super().__init__()
+        self.A, self.Bm, self.q, self.p = A, Bm, q, p
+        self.obs_dim, self.out_dim = A.shape[0], A.shape[0] + 1
+        self.learn_reward, self.ensemble_size = True, ensemble_size
+
+    def sample_elites(self, batch_size, generator=None):
+        return torch.randint(self.ensemble_size, (batch_size,), generator=generator)
+
+    def predict(self, obs, act, members=None, deterministic=True, noise=None):
+        assert deterministic and noise is None and members.shape == (obs.shape[0],)
+        return obs @ self.A.T + act @ self.Bm.T, obs @ self.q + act @ self.p
+
+
+class _LinearPolicy(torch.nn.Module):
+    """Deterministic a = K s with log_prob 0; insists on generator-driven noise like TanhGaussianPolicy gets."""
+
+    def __init__(self, K):
+        super().__init__()
+        self.K = torch.nn.Parameter(K.clone())
+        self.act_dim = K.shape[0]
+
+    def forward(self, obs, noise=None):
+        assert noise is not None and noise.shape == (obs.shape[0], self.act_dim)
+        return obs @ self.K.T, torch.zeros(obs.shape[0], dtype=obs.dtype)
+
+
+class _LinearCritic(torch.nn.Module):
+    def __init__(self, c, d):
+        super().__init__()
+        self.c, self.d = c, d
+
+    def min_q(self, obs, act):
+        return obs @ self.c + act @ self.d
+
+
+def _never(obs, act, next_obs):
+    return torch.zeros(obs.shape[0], dtype=torch.bool)
+
+
+def _analytic_gradient_map(K, pred, grad, critic, horizon, gamma):
+    """L [a*o, o] with d loss / d K (flattened row-major) = L s0 for the start state s0.
+
+    With M = A + B K the unroll is s_t = M_p^t s0 (values from the prediction model), a_t = K s_t,
+    J = sum_{t<H} gamma^t (q + K^T p).s_t + gamma^H (c + K^T d).s_H, loss = -J. Differentiating,
+    d s_{k+1} = M_g d s_k + B_g dK s_k (gradients through the gradient model), so
+    dJ/dK = sum_t gamma^t [p_t s_t^T + sum_{k<t} (B_g^T (M_g^T)^{t-1-k} v_t) s_k^T], v_t = q_t + K^T p_t,
+    (q_t, p_t) = (q, p) for t < H and (c, d) at t = H."""
+    o = K.shape[1]
+    Mp, Mg = pred.A + pred.Bm @ K, grad.A + grad.Bm @ K
+    cols = []
+    for j in range(o):
+        traj = [torch.eye(o, dtype=K.dtype)[j]]
+        for _ in range(horizon):
+            traj.append(Mp @ traj[-1])
+        G = torch.zeros_like(K)
+        for t in range(horizon + 1):
+            qt, pt = (grad.q, grad.p) if t < horizon else (critic.c, critic.d)
+            back = qt + K.T @ pt
+            G += gamma ** t * torch.outer(pt, traj[t])
+            for k in range(t - 1, -1, -1):
+                G += gamma ** t * torch.outer(grad.Bm.T @ back, traj[k])
+                back = Mg.T @ back
+        cols.append(-G.reshape(-1))
+    return torch.stack(cols, 1)
+
+
+def _linear_rp_problem(seed=0, o=3, a=2, pool_size=64):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    model = _LinearDynamics(0.4 * r(o, o), 0.5 * r(o, a), r(o), r(a))
+    policy, critic = _LinearPolicy(0.3 * r(a, o)), _LinearCritic(r(o), r(a))
+    root = r(o, o) * torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)  # an anisotropic pool
+    pool = r(pool_size, o) @ root.T + r(o)
+    other = _LinearDynamics(model.A + 0.3 * r(o, o), model.Bm + 0.3 * r(o, a), model.q + r(o), model.p + r(a))
+    return model, policy, critic, pool, other
+
+
+def test_rp_gradient_variance_matches_the_closed_form_on_a_linear_system():
+    """Linear model, policy a = K s (log_prob 0), linear reward and critic: the minibatch gradient
+    w.r.t. K is g = L sbar with sbar the minibatch mean of the start states and L known in closed
+    form, so over minibatches of B drawn with replacement from a pool with covariance S (ddof 0)
+    and mean mu: Cov g = L S L^T / B, E g = L mu. trace_hat (n samples) is then a weighted sum of
+    chi2_{n-1} / (n-1) (sbar is near Gaussian): sd = sqrt(2 tr(C^2) / (n-1))."""
+    model, policy, critic, pool, _ = _linear_rp_problem()
+    gamma, batch, n = 0.9, 16, 3000
+    mu, cov = pool.mean(0), torch.cov(pool.T, correction=0)
+    kw = dict(gamma=gamma, alpha=0.2, termination_fn=_never, batch_size=batch, seed=11)
+    stats = rp_gradient_stats(policy, model, critic, pool, [1, 2, 3], num_samples=n, **kw)
+    assert [h for h, _ in stats] == [1, 2, 3]
+    traces = []
+    for horizon, st in stats:
+        L = _analytic_gradient_map(policy.K.detach(), model, model, critic, horizon, gamma)
+        C = L @ cov @ L.T / batch
+        expected, sd = float(torch.trace(C)), math.sqrt(2 * float(torch.trace(C @ C)) / (n - 1))
+        assert abs(st.trace_cov - expected) < 5 * sd, (horizon, st.trace_cov, expected, sd)
+        # mean: mean_grad - L mu = L e exactly (the gradient is linear in sbar through this L), and
+        # n e^T (S / B)^-1 e ~ chi2 with o degrees of freedom (P(chi2_3 > 30) ~ 1e-6)
+        diff = st.mean_grad - L @ mu
+        e = torch.linalg.lstsq(L, diff.unsqueeze(1)).solution.squeeze(1)
+        assert float((L @ e - diff).norm()) < 1e-9 * float((L @ mu).norm()), horizon
+        assert n * float(e @ torch.linalg.solve(cov / batch, e)) < 30.0, horizon
+        assert st.mean_grad_norm >= float(st.mean_grad.norm()) and st.num_samples == n
+        traces.append(st.trace_cov)
+    assert len(set(traces)) == 3  # H changes the answer (the gradient really goes through the unroll)
+
+    # rp_gradient_variance (what the hook and the CLI record) is the same computation, as rows
+    rows = rp_gradient_variance(policy, model, critic, pool, [1, 3], num_samples=5, **kw)
+    few = rp_gradient_stats(policy, model, critic, pool, [1, 3], num_samples=5, **kw)
+    assert rows == [{"horizon": h, "trace_cov": s.trace_cov, "mean_grad_norm": s.mean_grad_norm, "samples": 5,
+                     "batch": batch} for h, s in few]
+    assert rows == rp_gradient_variance(policy, model, critic, pool, [1, 3], num_samples=5, **kw)  # seeded
+    other_seed = rp_gradient_variance(policy, model, critic, pool, [1, 3], num_samples=5, **{**kw, "seed": 12})
+    assert [r["trace_cov"] for r in other_seed] != [r["trace_cov"] for r in rows]
+    assert all(p.grad is None and p.requires_grad for p in policy.parameters())
+
+
+@pytest.mark.parametrize("with_grad_model", [False, True])
+def test_rp_gradient_on_one_start_state_is_the_analytic_gradient(with_grad_model):
+    """A pool of one state: every minibatch gives the same gradient, exactly L s0 - values from the
+    prediction model, gradients through the gradient model when there is one (DDPPO)."""
+    model, policy, critic, pool, other = _linear_rp_problem(seed=1)
+    grad_model = other if with_grad_model else None
+    stats = rp_gradient_stats(policy, model, critic, pool[:1], [0, 1, 2, 3], gamma=0.95, alpha=0.2,
+                              termination_fn=_never, grad_model=grad_model, num_samples=3, batch_size=4)
+    for horizon, st in stats:
+        L = _analytic_gradient_map(policy.K.detach(), model, grad_model or model, critic, horizon, 0.95)
+        expected = L @ pool[0]
+        assert st.trace_cov == 0.0
+        assert torch.allclose(st.mean_grad, expected, rtol=1e-10, atol=1e-12), (horizon, st.mean_grad, expected)
+    if with_grad_model:  # the gradient model matters from H = 1 on
+        plain = rp_gradient_stats(policy, model, critic, pool[:1], [1], gamma=0.95, alpha=0.2,
+                                  termination_fn=_never, num_samples=2, batch_size=4)
+        assert not torch.allclose(plain[0][1].mean_grad, stats[1][1].mean_grad)
+
+
 # ---- runs, the training-time hook and the command line ---------------------------------------------------
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -317,6 +467,90 @@ def test_cli_variance_and_jacobian(runs, tmp_path, capsys):
     assert "training-time rows" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("failing", ["jacobian", "variance"])
+def test_hook_keeps_the_rows_of_the_kind_that_worked(runs, tmp_path, monkeypatch, failing):
+    run = load_run(str(runs / "sn"))
+    expected = [r for r in _rows(runs / "sn" / DIAG_CSV) if int(r["env_steps"]) == run.step and r["kind"] != failing]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(run_mod, f"{failing}_rows", broken)
+    hook = TrainingDiagnostics(run.cfg, str(tmp_path))
+    trainer = types.SimpleNamespace(step=run.step, agent=run.agent, buffer=run.buffer, logger=None)
+    with pytest.warns(UserWarning, match=f"{failing} diagnostics at env step {run.step} failed and were skipped: "
+                                         f"RuntimeError: boom"):
+        rows = hook(trainer)
+    assert {r["kind"] for r in rows} == {"variance", "jacobian"} - {failing}
+    assert _rows(tmp_path / DIAG_CSV) == expected  # the other kind's rows are written, as in training
+
+
+def test_cli_checks_every_run_first_then_loads_one_at_a_time(runs, tmp_path, monkeypatch, capsys):
+    real_load = cli_mod.load_run
+    alive = []
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a run was loaded before every run was checked")
+
+    monkeypatch.setattr(cli_mod, "load_run", no_load)
+    assert diag_main(["variance", str(runs / "maac"), str(runs / "sac"), "--csv", str(tmp_path / "x.csv")]) == 2
+    assert "sac" in capsys.readouterr().err and not (tmp_path / "x.csv").exists()
+    assert diag_main(["variance", str(runs / "maac"), str(runs / "sn"), "--samples", "1"]) == 2
+    assert "--samples must be an int >= 2" in capsys.readouterr().err
+
+    def tracking_load(run_dir, device=None):
+        assert all(ref() is None for ref in alive), "the previous run's agent is still alive"
+        run = real_load(run_dir, device)
+        alive.append(weakref.ref(run.agent))
+        return run
+
+    monkeypatch.setattr(cli_mod, "load_run", tracking_load)
+    csv_path = tmp_path / "both.csv"
+    assert diag_main(["variance", str(runs / "maac"), str(runs / "sn"), "--csv", str(csv_path),
+                      "--out", str(tmp_path / "v.png")]) == 0
+    assert len(alive) == 2 and [r["algo"] for r in _rows(csv_path)] == ["maac"] * 3 + ["ddppo-sn"] * 3
+    assert capsys.readouterr().err == ""  # trained on cpu, measured on cpu: no device note
+
+
+def test_measuring_device_defaults_to_the_training_device(runs, tmp_path, monkeypatch, capsys):
+    assert trained_device("cpu", {}) == "cpu" and trained_device("cuda", {"rng": {}}) == "cuda"
+    assert trained_device("auto", {"rng": {"torch": 0, "cuda": []}}) == "cuda"
+    assert trained_device("auto", {"rng": {"torch": 0}}) == "cpu" and trained_device("auto", {}) == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert measurement_device("cpu") == (torch.device("cpu"), "")
+    assert measurement_device("auto") == (torch.device("cpu"), "")
+    dev, note = measurement_device("cuda")
+    assert dev == torch.device("cpu") and "no CUDA device here: measuring on cpu" in note
+    with pytest.raises(RunError, match="--device: cuda requested"):
+        measurement_device("cpu", "cuda")
+
+    # a run whose config says cuda, diagnosed where there is none: cpu, with a note on stderr
+    state = torch.load(str(runs / "sn" / "checkpoint.pt"), map_location="cpu", weights_only=False)
+    state["config"]["device"] = "cuda"
+    (tmp_path / "gpu_run").mkdir()
+    torch.save(state, str(tmp_path / "gpu_run" / "checkpoint.pt"))
+    assert diag_main(["variance", str(tmp_path / "gpu_run"), "--out", str(tmp_path / "v.png")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith("note: ") and "measuring on cpu" in captured.err and captured.err.count("\n") == 1
+    assert "ddppo-sn s1 @200" in captured.out
+    assert load_run(str(tmp_path / "gpu_run")).cfg.device == "cpu"
+    assert diag_main(["variance", str(runs / "sn"), "--device", "cuda"]) == 2
+    assert "--device: cuda requested but torch has no CUDA device" in capsys.readouterr().err
+
+
+def test_old_checkpoints_load_with_their_old_behaviour(runs, tmp_path):
+    """Fields missing from an old checkpoint's config take the value that reproduces the old version
+    (fastrp.config.config_from_checkpoint), not today's defaults."""
+    state = torch.load(str(runs / "maac" / "checkpoint.pt"), map_location="cpu", weights_only=False)
+    assert state["config"]["diag_every"] == 50
+    del state["config"]["diag_every"]  # written before the diagnostics existed
+    (tmp_path / "old").mkdir()
+    torch.save(state, str(tmp_path / "old" / "checkpoint.pt"))
+    assert load_run(str(tmp_path / "old")).cfg.diag_every == 0 != Config().diag_every
+    assert read_config(str(tmp_path / "old")).diag_every == 0  # no config.json: the checkpoint's config
+    assert read_config(str(runs / "maac")).diag_every == 50  # config.json
+
+
 @pytest.mark.parametrize("argv, message", [
     (["variance", "{root}/missing"], "no such run directory"),
     (["variance", "{root}"], "no checkpoint.pt"),
@@ -340,13 +574,22 @@ def test_cli_bad_input_exits_2_with_one_line(runs, capsys, argv, message):
 
 
 def test_config_checks_diagnostics_fields():
-    with pytest.raises(CliError, match="--diag-every: must be a multiple of --log-every"):
-        parse_args(["--diag-every", "1500"])
     with pytest.raises(CliError, match="--diag-samples: must be >= 2"):
         parse_args(["--diag-samples", "1"])
     with pytest.raises(CliError, match="--diag-every: must be >= 0"):
         parse_args(["--diag-every", "-1000"])
     assert parse_args(["--diag-every", "0"]).diag_every == 0
+
+
+def test_hook_runs_at_the_first_log_row_at_or_past_each_multiple(tmp_path):
+    cfg = Config(algo="maac", diag_every=1500, log_every=1000, warmup_steps=2500, steps=10_500)
+    hook = TrainingDiagnostics(cfg, str(tmp_path))
+    assert [s for s in range(0, 10_001, 1000) if hook.due(s)] == [3000, 5000, 6000, 8000, 9000]  # 2000 < warm-up
+    assert hook.due(10_500)  # the last log row (not a multiple of log_every) crosses 10500
+    assert not TrainingDiagnostics(Config(algo="maac", diag_every=1500, log_every=1000, warmup_steps=0),
+                                   str(tmp_path)).due(2500)  # the span 2000..2500 crosses no multiple
+    assert not TrainingDiagnostics(Config(algo="sac", diag_every=1000), str(tmp_path)).due(5000)
+    assert not TrainingDiagnostics(Config(algo="maac", diag_every=0), str(tmp_path)).due(5000)
 
 
 def test_unreadable_or_foreign_checkpoints_exit_2(runs, tmp_path, capsys):

@@ -7,16 +7,17 @@ import numpy as np
 import pytest
 
 from fastrp import train
-from fastrp.plot import group_curves, jacobian_figure, main, read_run, variance_figure
+from fastrp.plot import group_curves, group_labels, jacobian_figure, main, read_run, variance_figure
 from fastrp.rl.logger import COLUMNS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _fake_run(path, env, algo, seed, rows):
-    """A run directory with config.json and a metrics.csv holding ``rows`` (dicts of some columns)."""
+def _fake_run(path, env, algo, seed, rows, **config):
+    """A run directory with config.json (env, algo, seed and ``config``) and a metrics.csv holding
+    ``rows`` (dicts of some columns)."""
     path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({"env": env, "algo": algo, "seed": seed}))
+    (path / "config.json").write_text(json.dumps({"env": env, "algo": algo, "seed": seed, **config}))
     with open(path / "metrics.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, COLUMNS)
         writer.writeheader()
@@ -64,6 +65,48 @@ def test_group_curves_mean_and_std_over_seeds(tmp_path):
     out = tmp_path / "two_envs.png"
     d = _fake_run(tmp_path / "d", "Walker2d", "maac", 0, [{"env_steps": 1000, "eval_return_mean": 2.0}])
     assert main([a, b, c, d, "--out", str(out)]) == 0 and _is_png(out)
+
+
+def test_runs_differing_in_other_config_fields_are_not_averaged(tmp_path):
+    row = [{"env_steps": 1000, "wall_time": 1.0, "eval_return_mean": 1.0}]
+
+    def run(name, env="Hopper", algo="maac", seed=0, value=1.0, **config):
+        return _fake_run(tmp_path / name, env, algo, seed, [{**row[0], "eval_return_mean": value}], **config)
+
+    bookkeeping = dict(logdir="elsewhere", device="cpu", eval_every=5000, log_every=1000, steps=7000, diag_every=0,
+                       progress=False, checkpoint_every=2000)
+    dirs = [
+        run("a", seed=0, value=1.0, hidden_dim=256, run_name="a", obs_norm=True),
+        run("b", seed=1, value=3.0, hidden_dim=256, run_name="b", obs_norm=True, **bookkeeping),  # same group as a
+        run("c", seed=0, value=10.0, hidden_dim=64, obs_norm=True),
+        run("d", seed=0, value=20.0, hidden_dim=64, obs_norm=False),
+        run("e", seed=1, value=30.0, hidden_dim=64),  # an old run without obs_norm: it had none -> with d
+        # rp-sn's spectral-norm flags come with the algorithm: not in its label
+        run("f", algo="rp-sn", hidden_dim=256, obs_norm=True, policy_spectral_norm=True, model_spectral_norm=True),
+        run("g", env="Walker2d", hidden_dim=64, fd_weight=10),  # one run of its env: just the algo
+    ]
+    runs = [read_run(d, "eval_return_mean") for d in dirs]
+    assert group_labels(runs) == [
+        ("Hopper", "maac hidden_dim=256 obs_norm=True"), ("Hopper", "maac hidden_dim=256 obs_norm=True"),
+        ("Hopper", "maac hidden_dim=64 obs_norm=True"), ("Hopper", "maac hidden_dim=64 obs_norm=False"),
+        ("Hopper", "maac hidden_dim=64 obs_norm=False"), ("Hopper", "rp-sn hidden_dim=256 obs_norm=True"),
+        ("Walker2d", "maac")]
+    groups = group_curves(runs)
+    assert len(groups) == 5
+    np.testing.assert_allclose(groups[("Hopper", "maac hidden_dim=256 obs_norm=True")]["mean"], [2.0])
+    np.testing.assert_array_equal(groups[("Hopper", "maac hidden_dim=256 obs_norm=True")]["seeds"], [0, 1])
+    np.testing.assert_allclose(groups[("Hopper", "maac hidden_dim=64 obs_norm=False")]["mean"], [25.0])
+    np.testing.assert_allclose(groups[("Hopper", "maac hidden_dim=64 obs_norm=True")]["mean"], [10.0])
+    assert groups[("Walker2d", "maac")]["algo"] == "maac"
+
+    # a field the algorithm presets set is shown when it differs within one algorithm; 10 and 10.0 are equal
+    more = [run("h", hidden_dim=256, fd_weight=10), run("i", hidden_dim=256, fd_weight=10.0, policy_spectral_norm=True),
+            run("j", algo="rp-sn", fd_weight=10.0, policy_spectral_norm=True, model_spectral_norm=True)]
+    labels = group_labels([read_run(d, "eval_return_mean") for d in more])
+    assert labels == [("Hopper", "maac policy_spectral_norm=False"), ("Hopper", "maac policy_spectral_norm=True"),
+                      ("Hopper", "rp-sn policy_spectral_norm=True")]
+    out = tmp_path / "groups.png"
+    assert main([*dirs, "--out", str(out)]) == 0 and _is_png(out)
 
 
 @pytest.mark.parametrize("case, message", [

@@ -19,11 +19,11 @@ from fastrp.diagnostics.jacobian import (HeldOut, collect_transitions, ensemble_
 from fastrp.diagnostics.run import (COLUMNS, DIAG_CSV, LoadedRun, RunError, Settings, TrainingDiagnostics,
                                     jacobian_rows, load_run, variance_rows)
 from fastrp.diagnostics.variance import (GradientStats, flat_gradient, frozen_modules, gradient_covariance_trace,
-                                         rp_gradient_variance)
+                                         rp_gradient_stats, rp_gradient_variance)
 
 __all__ = [
     "COLUMNS", "DIAG_CSV", "GradientStats", "HeldOut", "LoadedRun", "RunError", "Settings", "TrainingDiagnostics",
     "collect_transitions", "ensemble_jacobian_errors", "flat_gradient", "frozen_modules", "gradient_covariance_trace",
-    "input_jacobians", "jacobian_errors", "jacobian_rows", "load_run", "rp_gradient_variance", "state_columns",
-    "variance_rows",
+    "input_jacobians", "jacobian_errors", "jacobian_rows", "load_run", "rp_gradient_stats", "rp_gradient_variance",
+    "state_columns", "variance_rows",
 ]

@@ -14,22 +14,45 @@
     like ``variance`` and plots the run's training-time ``diagnostics.csv`` jacobian rows against
     env steps with the checkpoint's point added (``--out``, default ``<run_dir>/jacobian.png``).
 
-Sizes default to the run's ``diag_*`` config and the generators to the same seeds the training
-hook uses at the checkpoint's step, so with default options the printed numbers equal the
-training-time row of that step. Exit codes: 0 done, 2 bad input (one line on stderr).
+Sizes default to the run's ``diag_*`` config, the generators to the seeds the training hook
+uses at the checkpoint's step, the device to the one the run trained on (its config's
+``device``; for ``auto``, cuda when the checkpoint's RNG state shows CUDA was in use, else cpu;
+a run that trained on cuda is measured on cpu, with a note on stderr, where torch has no CUDA
+device) and the CPU threads to the run's ``cpu_threads``. Runs are
+checked first (directory, checkpoint, algorithm, options: from ``config.json``, or the
+checkpoint's config where it is missing), then loaded, measured and released one at a time.
+
+When the rows reproduce the training-time ones: only for a checkpoint written at a step that had
+a training diagnostics pass (``diag_every > 0``; the first log row at or past a multiple of
+``diag_every``, after warm-up), and only with the run's sizes (no ``--states``, ``--batch``,
+``--samples``, ``--transitions``, ``--rollout-steps`` overrides) and seed (no ``--seed``); for
+``variance``, the rows of H = 1 .. ``diag_max_horizon`` (the horizon range options do not change
+the row of a given H: each H redraws the same minibatches). Then, on CPU with the run's
+``cpu_threads`` (the defaults, when the run trained on CPU) and the same torch / fastrp build, the
+rows equal the training-time ``diagnostics.csv`` rows of that step exactly; on CUDA (the default
+for a CUDA-trained run where CUDA is available) they agree up to floating-point rounding (some
+CUDA kernels are not bit-for-bit deterministic). With another ``--threads`` on CPU they agree
+up to floating-point rounding. On another device type than training's (``--device``, or the cpu
+fallback for a CUDA-trained run) the generators are other generators (CPU and CUDA random
+streams differ), so - like other sizes or another seed - that gives a new, independent
+measurement of the same quantities, not a reproduction.
+Exit codes: 0 done, 2 bad input (one line on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from fastrp.diagnostics.run import (COLUMNS, DIAG_CSV, LoadedRun, RunError, Settings, append_rows, jacobian_rows,
-                                    load_run, read_rows, supports_variance, variance_rows)
+from fastrp.config import Config
+from fastrp.diagnostics.run import (COLUMNS, DIAG_CSV, JACOBIAN_ALGOS, VARIANCE_ALGOS, LoadedRun, RunError, Settings,
+                                    append_rows, jacobian_rows, load_run, measurement_device, read_config, read_rows,
+                                    supports_jacobian, supports_variance, variance_rows)
 
 CLI_CSV = "diagnostics_cli.csv"
 """Default CSV (inside each run directory) of the command line's rows."""
@@ -39,6 +62,13 @@ CLI_COLUMNS = ["run_dir", "env", "algo", "seed"] + COLUMNS
 
 PROG = "python -m fastrp.diagnostics"
 
+REPRODUCE = ("With the defaults (the run's sizes, seed, device type and cpu_threads) the rows reproduce the "
+             "training-time diagnostics.csv rows of the checkpoint's step, when that step had a diagnostics pass and "
+             "the torch / fastrp build is the same: exactly on CPU, up to floating-point rounding on CUDA. Another --threads changes them by rounding at "
+             "most; another device type (CPU and CUDA draw different random numbers), sizes or --seed give a new "
+             "measurement.")
+"""The help text's note on when the command's rows equal the training-time rows."""
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line on stderr, exit code 2, no usage dump
@@ -47,15 +77,21 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, allow_abbrev=False,
-                     description="Gradient diagnostics of fastrp runs (papers 000 and 003).")
+                     description="Gradient diagnostics of fastrp runs (papers 000 and 003).", epilog=REPRODUCE)
     sub = parser.add_subparsers(dest="command", metavar="{variance,jacobian}")
     sub.required = True
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--seed", type=int, default=None,
                        help="base seed of the diagnostic's generators (default: the run's seed, as in training)")
-        p.add_argument("--device", default="cpu", help="torch device to measure on (default: cpu)")
-        p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+        p.add_argument("--device", default=None,
+                       help="torch device to measure on (default: the device the run trained on; cpu, with a note, "
+                            "when that is cuda and torch has no CUDA device here). Only on "
+                            "the device type training used do the rows reproduce the training-time rows of the "
+                            "checkpoint's step: CPU and CUDA draw different random minibatches")
+        p.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (default: the run's cpu_threads; on CPU another count may change "
+                            "the rows by floating-point rounding)")
         p.add_argument("--csv", default=None,
                        help=f"append the rows to this CSV (default: <run_dir>/{CLI_CSV} of each run)")
         p.add_argument("--out", default=None, help="output PNG path")
@@ -64,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="policy-gradient variance against the unroll length H",
                          description="Trace of the covariance and mean norm of the model-based RP policy gradient "
                                      "from independent minibatches of a fixed pool of replay-buffer states, for "
-                                     "each H; one line per run in the plot.")
+                                     "each H; one line per run in the plot.", epilog=REPRODUCE)
     var.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     var.add_argument("--min-horizon", type=int, default=1, help="smallest H (default 1; 0 = SAC's model-free gradient)")
     var.add_argument("--max-horizon", type=int, default=None, help="largest H (default: the run's diag_max_horizon)")
@@ -77,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="model Jacobian error against MuJoCo's true Jacobians",
                          description="Relative Frobenius error of the models' ds'/ds and ds'/da against MuJoCo's, "
                                      "and their prediction MSE, on fresh held-out transitions; the plot shows the "
-                                     "training-time diagnostics.csv rows and this checkpoint's point.")
+                                     "training-time diagnostics.csv rows and this checkpoint's point.",
+                         epilog=REPRODUCE)
     jac.add_argument("run_dir", metavar="RUN_DIR")
     jac.add_argument("--transitions", type=int, default=None, help="held-out transitions (default: diag_transitions)")
     jac.add_argument("--rollout-steps", type=int, default=None,
@@ -86,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(run: LoadedRun, args: argparse.Namespace) -> Settings:
-    s = Settings.from_config(run.cfg)
+def _settings(cfg: Config, args: argparse.Namespace) -> Settings:
+    s = Settings.from_config(cfg)
     for field in ("min_horizon", "max_horizon", "states", "batch", "samples", "transitions", "rollout_steps"):
         value = getattr(args, field, None)  # options of the other subcommand are absent: keep the config's
         if value is not None:
@@ -125,29 +162,54 @@ def _label(run: LoadedRun) -> str:
     return f"{run.cfg.algo} s{run.cfg.seed} @{run.step}"
 
 
+def _prepare(run: LoadedRun, args: argparse.Namespace) -> None:
+    """Print the device note (stderr) and set the CPU threads for measuring ``run``."""
+    if run.note:
+        print(f"note: {run.run_dir}: {run.note}", file=sys.stderr)
+    torch.set_num_threads(args.threads if args.threads is not None else run.cfg.cpu_threads)
+
+
+def _release(on_cuda: bool) -> None:
+    """Free the memory of the run the caller has just dropped (its agent and replay buffer, on the
+    host and on the device) before the next run is loaded."""
+    gc.collect()
+    if on_cuda:
+        torch.cuda.empty_cache()
+
+
 def cmd_variance(args: argparse.Namespace) -> int:
     from fastrp.plot import variance_figure
 
-    runs = [load_run(d, args.device) for d in args.run_dirs]
-    for run in runs:  # check every run before measuring any
+    # check every run (directory, checkpoint, algorithm, options) before loading or measuring any
+    for run_dir in args.run_dirs:
+        cfg = read_config(run_dir)
+        if cfg.algo not in VARIANCE_ALGOS:
+            raise RunError(f"{run_dir}: algorithm {cfg.algo!r} has no model-based policy gradient; "
+                           f"variance needs maac, rp-sn, ddppo or ddppo-sn")
+        _settings(cfg, args)
+    curves, written, envs, first_settings = [], [], set(), None
+    print(f"{'run':<28}{'H':>4}{'trace_cov':>14}{'mean_grad_norm':>16}")
+    for run_dir in args.run_dirs:  # one run in memory at a time (a replay buffer can take GBs)
+        run = load_run(run_dir, args.device)
         if not supports_variance(run.agent):
             raise RunError(f"{run.run_dir}: algorithm {run.cfg.algo!r} has no model-based policy gradient; "
                            f"variance needs maac, rp-sn, ddppo or ddppo-sn")
-    all_settings = [_settings(run, args) for run in runs]
-    curves, written = [], []
-    print(f"{'run':<28}{'H':>4}{'trace_cov':>14}{'mean_grad_norm':>16}")
-    for run, settings in zip(runs, all_settings):
+        _prepare(run, args)
+        settings = _settings(run.cfg, args)
+        first_settings = first_settings or settings
         rows = variance_rows(run.agent, run.buffer, run.cfg, run.step, settings, seed=args.seed)
         for row in rows:
             print(f"{_label(run):<28}{row['horizon']:>4}{_fmt(row['trace_cov'], 14)}{_fmt(row['mean_grad_norm'], 16)}")
         written.append(_write_csv(args, run, rows))
         curves.append((_label(run), [r["horizon"] for r in rows], [r["trace_cov"] for r in rows],
                        [r["mean_grad_norm"] for r in rows]))
-    envs = sorted({run.cfg.env for run in runs})
-    first, settings = runs[0], all_settings[0]
-    title = (f"{', '.join(envs)}: RP policy-gradient variance, {settings.samples} minibatches of {settings.batch} "
-             f"start states per H")
-    out = args.out or os.path.join(first.run_dir, "variance.png")
+        envs.add(run.cfg.env)
+        on_cuda = run.buffer.device.type == "cuda"
+        del run
+        _release(on_cuda)
+    title = (f"{', '.join(sorted(envs))}: RP policy-gradient variance, {first_settings.samples} minibatches of "
+             f"{first_settings.batch} start states per H")
+    out = args.out or os.path.join(args.run_dirs[0], "variance.png")
     variance_figure(curves, out, title=title)
     print(f"rows appended to {', '.join(sorted(set(written)))}; plot {out}")
     return 0
@@ -156,8 +218,17 @@ def cmd_variance(args: argparse.Namespace) -> int:
 def cmd_jacobian(args: argparse.Namespace) -> int:
     from fastrp.plot import jacobian_figure
 
+    cfg = read_config(args.run_dir)
+    if cfg.algo not in JACOBIAN_ALGOS:
+        raise RunError(f"algorithm {cfg.algo!r} has no dynamics model: the jacobian diagnostic needs mbpo, maac, "
+                       f"rp-sn, ddppo or ddppo-sn")
+    _settings(cfg, args)
     run = load_run(args.run_dir, args.device)
-    settings = _settings(run, args)
+    if not supports_jacobian(run.agent):
+        raise RunError(f"algorithm {run.cfg.algo!r} has no dynamics model: the jacobian diagnostic needs mbpo, "
+                       f"maac, rp-sn, ddppo or ddppo-sn")
+    _prepare(run, args)
+    settings = _settings(run.cfg, args)
     rows = jacobian_rows(run.agent, run.cfg, run.step, settings, seed=args.seed)
     print(f"{'model':<12}{'env_steps':>10}{'jac_state_err':>15}{'jac_action_err':>16}{'pred_mse':>12}{'transitions':>13}")
     for row in rows:
@@ -177,15 +248,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
-        if args.threads < 1:
+        if args.threads is not None and args.threads < 1:
             raise RunError(f"--threads: must be >= 1, got {args.threads}")
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise RunError(f"--device: not a torch device: {args.device!r}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RunError("--device: cuda requested but torch has no CUDA device")
-        torch.set_num_threads(args.threads)
+        if args.device is not None:
+            measurement_device("cpu", args.device)  # a bad or unavailable --device fails before any run is read
         return cmd_variance(args) if args.command == "variance" else cmd_jacobian(args)
     except RunError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)

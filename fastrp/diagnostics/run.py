@@ -10,24 +10,28 @@
 
 The measurements do not perturb the run they observe: they draw from their own generators
 (seeded from the run's seed, the env step and a stream constant - so a resumed run reproduces the
-rows, and the CLI on a checkpoint reproduces the training-time row of that step), run every
-network in eval mode (no spectral-norm vector updates), take gradients with
-:func:`torch.autograd.grad` only, restore every ``requires_grad`` flag and step a separate env.
+rows, and the CLI on a checkpoint measured on the same device type and CPU thread count as
+training reproduces the training-time rows of the checkpoint's step, when that step had a
+diagnostics pass; see :mod:`fastrp.diagnostics.__main__`), run every network in eval mode
+(no spectral-norm vector updates), take gradients with :func:`torch.autograd.grad` only, restore
+every ``requires_grad`` flag and step a separate env.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 import os
 import warnings
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from fastrp import algos
+import fastrp.config
 from fastrp.config import Config
 from fastrp.diagnostics.jacobian import collect_transitions, ensemble_jacobian_errors, state_columns
 from fastrp.diagnostics.variance import frozen_modules, rp_gradient_variance
@@ -35,7 +39,8 @@ from fastrp.envs import dynamics_jacobians, make, termination_fn
 from fastrp.rl import checkpoint as ckpt
 from fastrp.rl.buffer import ReplayBuffer
 
-__all__ = ["COLUMNS", "DIAG_CSV", "RunError", "LoadedRun", "Settings", "load_run", "variance_rows", "jacobian_rows",
+__all__ = ["COLUMNS", "DIAG_CSV", "VARIANCE_ALGOS", "JACOBIAN_ALGOS", "RunError", "LoadedRun", "Settings",
+           "read_config", "trained_device", "measurement_device", "load_run", "variance_rows", "jacobian_rows",
            "supports_variance", "supports_jacobian", "diag_seed", "read_rows", "append_rows", "TrainingDiagnostics"]
 
 DIAG_CSV = "diagnostics.csv"
@@ -54,6 +59,11 @@ MuJoCo's; ``pred_mse`` mean squared error of the predicted next observation; ``s
 gradient samples per H (variance) or held-out transitions (jacobian); ``batch`` start states per
 minibatch (variance)."""
 
+VARIANCE_ALGOS = ("maac", "rp-sn", "ddppo", "ddppo-sn")
+"""Algorithms with a model-based RP policy gradient (the variance diagnostic)."""
+JACOBIAN_ALGOS = ("mbpo",) + VARIANCE_ALGOS
+"""Algorithms with a learned dynamics model (the model gradient error diagnostic)."""
+
 VARIANCE_STREAM, POOL_STREAM, JACOBIAN_STREAM = 1, 2, 3
 _SEED_TAG = 0xD1A6
 
@@ -63,15 +73,17 @@ class RunError(Exception):
 
 
 class LoadedRun(NamedTuple):
-    """What :func:`load_run` rebuilds: ``run_dir``, the run's ``cfg``, the ``agent`` (weights,
-    model normalisers and elites as checkpointed), its replay ``buffer`` and the checkpoint's
-    env ``step``."""
+    """What :func:`load_run` rebuilds: ``run_dir``, the run's ``cfg`` (``device`` = the device it
+    is measured on), the ``agent`` (weights, model normalisers and elites as checkpointed), its
+    replay ``buffer``, the checkpoint's env ``step`` and a ``note`` about the device choice
+    (empty unless the run's own device is not available here)."""
 
     run_dir: str
     cfg: Config
     agent: object
     buffer: ReplayBuffer
     step: int
+    note: str = ""
 
 
 @dataclasses.dataclass
@@ -127,28 +139,108 @@ def diag_seed(seed: int, step: int, stream: int) -> int:
 
 
 # ---- loading a run ---------------------------------------------------------------------------------
-def load_run(run_dir: str, device: str = "cpu") -> LoadedRun:
-    """Rebuild the agent and replay buffer of ``run_dir`` from its ``checkpoint.pt``.
-
-    The config is ``Config(**state["config"])`` (fields this version does not know are ignored,
-    missing ones take their defaults), with ``device`` set to ``device`` and compilation off; the
-    agent is ``fastrp.algos.get(cfg.algo)(...)`` with the task's termination function, loaded
-    with ``state["agent"]``. Raises :class:`RunError` with a one-line reason.
-    """
+def _checkpoint_path(run_dir: str) -> str:
     if not os.path.isdir(run_dir):
         raise RunError(f"{run_dir}: no such run directory")
     path = os.path.join(run_dir, ckpt.CHECKPOINT_NAME)
     if not os.path.isfile(path):
         raise RunError(f"{run_dir}: no {ckpt.CHECKPOINT_NAME} in it (not a run directory, or no checkpoint written yet)")
+    return path
+
+
+def _config(values) -> Config:
+    """:func:`fastrp.config.config_from_checkpoint` (fields an older version did not write get
+    the value that reproduces its behaviour); ``Config(**known fields)`` where it does not exist."""
+    from_checkpoint = getattr(fastrp.config, "config_from_checkpoint", None)
+    if from_checkpoint is not None:
+        return from_checkpoint(dict(values))
+    known = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in dict(values).items() if k in known})
+
+
+def read_config(run_dir: str) -> Config:
+    """The config of ``run_dir`` without loading its agent or replay buffer (to check a run before
+    measuring anything): its ``config.json`` (the resolved config, rewritten by every training
+    process of the run, ``--resume`` included), or when that is missing or unreadable the
+    checkpoint's config (the checkpoint is read and released). Checks that the run directory and
+    its ``checkpoint.pt`` exist. Raises :class:`RunError` with a one-line reason."""
+    path = _checkpoint_path(run_dir)
+    config_path = os.path.join(run_dir, "config.json")
+    if os.path.isfile(config_path):
+        try:
+            with open(config_path) as fh:
+                return _config(json.load(fh))
+        except Exception:  # fall back to the checkpoint's own copy
+            pass
+    try:
+        values = dict(ckpt.load(path)["config"])
+        return _config(values)
+    except Exception as err:  # a torn or foreign file: one line, no traceback
+        raise RunError(f"{path}: cannot read the checkpoint ({type(err).__name__}: {err})") from None
+
+
+def trained_device(cfg_device: str, state: Dict[str, object]) -> str:
+    """The device type a checkpoint's process trained on: ``cfg.device`` unless it is ``auto``;
+    for ``auto``, ``cuda`` when the checkpoint's RNG state holds CUDA generator states (the
+    trainer initialised CUDA), else ``cpu``; ``auto`` when the checkpoint does not tell."""
+    if str(cfg_device) != "auto":
+        return str(cfg_device)
+    rng = state.get("rng") if isinstance(state, dict) else None
+    if not isinstance(rng, dict):
+        return "auto"
+    return "cuda" if "cuda" in rng else "cpu"
+
+
+def measurement_device(run_device: str, requested: Optional[str] = None) -> Tuple[torch.device, str]:
+    """The device to measure a run on, and a note for the user (empty when there is nothing to say).
+
+    ``requested`` (the command line's ``--device``) wins and must exist here. Otherwise the
+    run's own device (:func:`trained_device`): ``cpu``; ``cuda``; ``auto`` (unknown) = cuda when
+    available, as training resolves it. A run that trained on ``cuda`` is measured on cpu where
+    torch has no CUDA device, with a note: the diagnostics' generators then live on another
+    device type than in training (CPU and CUDA random streams differ), so the rows are a new
+    measurement, not the training-time rows."""
+    if requested is not None:
+        try:
+            dev = torch.device(requested)
+        except RuntimeError:
+            raise RunError(f"--device: not a torch device: {requested!r}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RunError("--device: cuda requested but torch has no CUDA device")
+        return dev, ""
+    name = str(run_device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu"), ""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        return torch.device("cpu"), f"the run's device {name!r} is not a torch device: measuring on cpu"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return torch.device("cpu"), ("the run trained on cuda but torch has no CUDA device here: measuring on cpu; "
+                                     "CPU and CUDA draw different random numbers, so the rows are a new measurement, "
+                                     "not the training-time rows")
+    return dev, ""
+
+
+def load_run(run_dir: str, device: Optional[str] = None) -> LoadedRun:
+    """Rebuild the agent and replay buffer of ``run_dir`` from its ``checkpoint.pt``.
+
+    The config is :func:`fastrp.config.config_from_checkpoint` of the checkpoint's config (the
+    config of the process that wrote it), with compilation off and ``device`` set to the
+    measurement device (:func:`measurement_device`): ``device`` when given, else the device the
+    run trained on (:func:`trained_device`) when it exists here, else cpu with
+    :attr:`LoadedRun.note` saying so. The agent is ``fastrp.algos.get(cfg.algo)(...)`` with the
+    task's termination function, loaded with ``state["agent"]``. Raises :class:`RunError` with a one-line reason.
+    """
+    path = _checkpoint_path(run_dir)
     try:
         state = ckpt.load(path)
-        known = {f.name for f in dataclasses.fields(Config)}
-        cfg = Config(**{k: v for k, v in dict(state["config"]).items() if k in known})
+        cfg = _config(state["config"])
         step = int(state["step"])
     except Exception as err:  # a torn or foreign file: one line, no traceback
         raise RunError(f"{path}: cannot read the checkpoint ({type(err).__name__}: {err})") from None
-    cfg = dataclasses.replace(cfg, device=str(torch.device(device)), compile=False, cuda_graphs=False, resume="")
-    dev = torch.device(device)
+    dev, note = measurement_device(trained_device(cfg.device, state), device)
+    cfg = dataclasses.replace(cfg, device=str(dev), compile=False, cuda_graphs=False, resume="")
     env = make(cfg.env, 1, seed=cfg.seed)
     space = env.single_action_space
     agent = algos.get(cfg.algo)(cfg, env.obs_dim, env.act_dim, space.low, space.high, dev,
@@ -164,7 +256,8 @@ def load_run(run_dir: str, device: str = "cpu") -> LoadedRun:
         raise RunError(f"{path}: does not match this fastrp's {cfg.algo} agent ({reason})") from None
     finally:
         env.close()
-    return LoadedRun(run_dir, cfg, agent, buffer, step)
+        del state
+    return LoadedRun(run_dir, cfg, agent, buffer, step, note)
 
 
 # ---- measurements ----------------------------------------------------------------------------------
@@ -289,13 +382,15 @@ def append_rows(path: str, rows: Sequence[Dict[str, object]], columns: Sequence[
 
 
 class TrainingDiagnostics:
-    """The trainer's hook (``Trainer._log`` calls it after every log row).
+    """The trainer's hook (``Trainer._log`` calls it after a log row).
 
-    Active when ``cfg.diag_every > 0`` and the algorithm has a model: at env steps that are
-    multiples of ``diag_every`` and at least ``warmup_steps`` (the model has been fit), it
-    appends :func:`variance_rows` (RP algorithms) and :func:`jacobian_rows` (every model-based
-    algorithm) to ``<run_dir>/diagnostics.csv`` and mirrors them to the run's TensorBoard writer.
-    A failing measurement is reported with a warning and never stops the training run.
+    Active when ``cfg.diag_every > 0`` and the algorithm has a model: at the first log row at or
+    past each multiple of ``diag_every`` (:meth:`due`) and at least ``warmup_steps`` (the model
+    has been fit), it appends :func:`variance_rows` (RP algorithms) and :func:`jacobian_rows`
+    (every model-based algorithm) to ``<run_dir>/diagnostics.csv`` and mirrors them to the run's
+    TensorBoard writer. Each kind is measured and appended on its own: a failing measurement is
+    reported with a warning and skipped (the other kind's rows are still written), and never
+    stops the training run.
 
     Args:
         cfg: the run's config.
@@ -323,8 +418,14 @@ class TrainingDiagnostics:
                 csv.DictWriter(fh, COLUMNS).writeheader()
 
     def due(self, step: int) -> bool:
-        """Whether a pass runs at env step ``step``."""
-        return self.active and step % self.cfg.diag_every == 0 and step >= self.cfg.warmup_steps
+        """Whether a pass runs at the log row of env step ``step``: the span since the previous log
+        row (``step - (step % log_every or log_every)``, as the trainer computes it) crosses a
+        multiple of ``diag_every``, and ``step >= warmup_steps``."""
+        if not self.active or step < self.cfg.warmup_steps or step <= 0:
+            return False
+        every, log_every = self.cfg.diag_every, self.cfg.log_every
+        previous = step - (step % log_every or log_every)
+        return step // every > max(previous, 0) // every
 
     def __call__(self, trainer) -> List[Dict[str, object]]:
         """Measure ``trainer.agent`` at ``trainer.step`` if due; returns the rows written."""
@@ -333,16 +434,20 @@ class TrainingDiagnostics:
             return []
         agent, cfg = trainer.agent, self.cfg
         rows: List[Dict[str, object]] = []
-        try:
-            if supports_variance(agent):
-                rows += variance_rows(agent, trainer.buffer, cfg, step, self.settings)
-            if supports_jacobian(agent):
-                rows += jacobian_rows(agent, cfg, step, self.settings)
-        except Exception as err:  # a diagnostic must never end a training run
-            warnings.warn(f"gradient diagnostics at env step {step} failed and were skipped: "
-                          f"{type(err).__name__}: {err}", stacklevel=2)
-            return []
-        append_rows(self.path, rows)
+        kinds = (("variance", supports_variance(agent), lambda: variance_rows(agent, trainer.buffer, cfg, step,
+                                                                                self.settings)),
+                 ("jacobian", supports_jacobian(agent), lambda: jacobian_rows(agent, cfg, step, self.settings)))
+        for kind, supported, measure in kinds:
+            if not supported:
+                continue
+            try:
+                kind_rows = measure()
+                append_rows(self.path, kind_rows)
+            except Exception as err:  # a diagnostic must never end a training run
+                warnings.warn(f"{kind} diagnostics at env step {step} failed and were skipped: "
+                              f"{type(err).__name__}: {err}", stacklevel=2)
+                continue
+            rows += kind_rows
         tb = getattr(getattr(trainer, "logger", None), "tb", None)
         if tb is not None:
             for row in rows:

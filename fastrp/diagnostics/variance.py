@@ -15,20 +15,22 @@ the start states are the states the training unroll starts from (see
 :func:`rp_gradient_variance`).
 
 :func:`gradient_covariance_trace` is the estimator on its own (any ``sample -> flat gradient``
-function), :func:`rp_gradient_variance` applies it to a policy, model and critic, and
+function), :func:`rp_gradient_stats` applies it to a policy, model and critic (and
+:func:`rp_gradient_variance` turns that into table rows), and
 :func:`frozen_modules` is the context that makes all of this invisible to a training run.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from fastrp.rl.unroll import imagined_objective
 
-__all__ = ["GradientStats", "flat_gradient", "gradient_covariance_trace", "rp_gradient_variance", "frozen_modules"]
+__all__ = ["GradientStats", "flat_gradient", "gradient_covariance_trace", "rp_gradient_stats", "rp_gradient_variance",
+           "frozen_modules"]
 
 
 class GradientStats(NamedTuple):
@@ -126,7 +128,7 @@ def frozen_modules(modules: Iterable[Optional[torch.nn.Module]],
                 sub.training = mode
 
 
-def rp_gradient_variance(
+def rp_gradient_stats(
     policy: torch.nn.Module,
     model,
     critic,
@@ -140,8 +142,8 @@ def rp_gradient_variance(
     num_samples: int = 16,
     batch_size: int = 64,
     seed: int = 0,
-) -> List[Dict[str, float]]:
-    """Variance of the RP policy gradient through ``model`` for each unroll length in ``horizons``.
+) -> List[Tuple[int, GradientStats]]:
+    """Statistics of the RP policy gradient through ``model`` for each unroll length in ``horizons``.
 
     For each ``H``: a ``torch.Generator`` seeded with ``seed`` (the same for every H, so all
     lengths see the same minibatches: common random numbers) draws ``num_samples`` minibatches of
@@ -162,9 +164,12 @@ def rp_gradient_variance(
     the global RNGs are not touched and no ``.grad`` is left behind.
 
     Args:
-        policy: ``TanhGaussianPolicy`` (takes ``noise=``, has ``act_dim``).
-        model: prediction :class:`~fastrp.nn.model.ProbabilisticEnsemble`.
-        critic: ``TwinQ`` (``min_q``).
+        policy: ``policy(obs, noise=...) -> (action, log_prob)`` module with ``act_dim`` (e.g.
+            ``TanhGaussianPolicy``).
+        model: prediction model as :func:`~fastrp.rl.unroll.imagined_objective` uses it
+            (:class:`~fastrp.nn.model.ProbabilisticEnsemble`: ``predict``, ``sample_elites``,
+            ``obs_dim``, ``out_dim``, ``learn_reward``, ``ensemble_size``), a ``torch.nn.Module``.
+        critic: module with ``min_q(obs, action) -> [B]`` (e.g. ``TwinQ``).
         start_states: ``[N, obs_dim]`` pool of real states on the model's device.
         horizons: unroll lengths (ints ``>= 0``; 0 is the model-free SAC actor gradient).
         gamma, alpha: discount and entropy temperature (as in training).
@@ -175,7 +180,8 @@ def rp_gradient_variance(
         seed: generator seed.
 
     Returns:
-        One dict per H, in order: ``{"horizon", "trace_cov", "mean_grad_norm", "samples", "batch"}``.
+        ``[(H, GradientStats), ...]`` in the order of ``horizons`` (``GradientStats.mean_grad``
+        is the mean flat gradient over the policy parameters, in ``policy.parameters()`` order).
     """
     if not isinstance(start_states, torch.Tensor) or start_states.dim() != 2 or start_states.shape[0] < 1:
         got = tuple(start_states.shape) if isinstance(start_states, torch.Tensor) else type(start_states).__name__
@@ -189,7 +195,7 @@ def rp_gradient_variance(
         raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
     device = start_states.device
     states = start_states.detach()
-    rows: List[Dict[str, float]] = []
+    out: List[Tuple[int, GradientStats]] = []
     with frozen_modules([model, critic, grad_model], trainable=policy):
         params = [p for p in policy.parameters()]
         for horizon in horizons:
@@ -202,7 +208,32 @@ def rp_gradient_variance(
                                              termination_fn, grad_model=grad_model, generator=gen)
                 return flat_gradient(loss, params)
 
-            stats = gradient_covariance_trace(sample, num_samples)
-            rows.append({"horizon": horizon, "trace_cov": stats.trace_cov, "mean_grad_norm": stats.mean_grad_norm,
-                         "samples": num_samples, "batch": batch_size})
-    return rows
+            out.append((horizon, gradient_covariance_trace(sample, num_samples)))
+    return out
+
+
+def rp_gradient_variance(
+    policy: torch.nn.Module,
+    model,
+    critic,
+    start_states: torch.Tensor,
+    horizons: Sequence[int],
+    *,
+    gamma: float,
+    alpha,
+    termination_fn,
+    grad_model=None,
+    num_samples: int = 16,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> List[Dict[str, float]]:
+    """:func:`rp_gradient_stats` as table rows (what the training hook and the CLI record).
+
+    Same arguments and the same samples as :func:`rp_gradient_stats`. Returns one dict per H, in
+    order: ``{"horizon", "trace_cov", "mean_grad_norm", "samples", "batch"}``.
+    """
+    stats = rp_gradient_stats(policy, model, critic, start_states, horizons, gamma=gamma, alpha=alpha,
+                              termination_fn=termination_fn, grad_model=grad_model, num_samples=num_samples,
+                              batch_size=batch_size, seed=seed)
+    return [{"horizon": h, "trace_cov": s.trace_cov, "mean_grad_norm": s.mean_grad_norm, "samples": s.num_samples,
+             "batch": batch_size} for h, s in stats]
