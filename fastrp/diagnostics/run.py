@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import math
 import os
 import warnings
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -38,6 +37,7 @@ from fastrp.diagnostics.variance import frozen_modules, rp_gradient_variance
 from fastrp.envs import dynamics_jacobians, make, termination_fn
 from fastrp.rl import checkpoint as ckpt
 from fastrp.rl.buffer import ReplayBuffer
+from fastrp.rl.logger import _fmt
 
 __all__ = ["COLUMNS", "DIAG_CSV", "VARIANCE_ALGOS", "JACOBIAN_ALGOS", "RunError", "LoadedRun", "Settings",
            "read_config", "trained_device", "measurement_device", "load_run", "variance_rows", "jacobian_rows",
@@ -346,13 +346,7 @@ def jacobian_rows(agent, cfg: Config, step: int, settings: Settings, seed: Optio
     return rows
 
 
-# ---- CSV -------------------------------------------------------------------------------------------
-def _fmt(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else repr(value)
-    return str(value)
+# ---- CSV (cells formatted like metrics.csv: fastrp.rl.logger._fmt) ------------------------------------
 
 
 def read_rows(path: str) -> List[Dict[str, str]]:
