@@ -287,6 +287,17 @@ def test_buffer_round_trip_with_larger_capacity():
     assert torch.equal(a, same.sample(16).reward)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["sac", "ddppo-sn"])
+def test_compile_on_cpu(tmp_path, algo):
+    """--compile wraps the update closures in torch.compile (sac: critic and policy; the model-based
+    algorithms: the critic); a short run compiles, trains and skips nothing."""
+    assert run_main(tmp_path, "--algo", algo, "--steps", "150", "--compile", "--run-name", "c") == 0
+    rows = read_metrics(str(tmp_path / "c"))
+    assert rows and all(int(r["skipped_updates"]) == 0 for r in rows)
+    assert all(math.isfinite(float(r["critic_loss"])) for r in rows if r["critic_loss"])
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("algo", ["sac", "ddppo-sn"])
 def test_cuda_run_and_compile(tmp_path, algo):
