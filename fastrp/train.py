@@ -107,7 +107,7 @@ class Trainer:
             "config": dataclasses.asdict(self.cfg), "step": self.step, "episode_return": self.episode_return,
             "last_eval": self.last_eval, "best_eval": self.best_eval, "host_metrics": dict(self.host_metrics),
             "bad_intervals": self.bad_intervals, "agent": self.agent.state_dict(), "buffer": self.buffer.state_dict(),
-            "env": ckpt.env_state(self.env), "rng": ckpt.rng_state(),
+            "env": self.env.state_dict(), "rng": ckpt.rng_state(),
             "explore_rng": self.explore_rng.bit_generator.state,
         }
 
@@ -119,7 +119,7 @@ class Trainer:
         self.bad_intervals = int(state["bad_intervals"])
         self.agent.load_state_dict(state["agent"])
         self.buffer.load_state_dict(state["buffer"])
-        ckpt.set_env_state(self.env, state["env"])
+        self.env.load_state_dict(state["env"])
         ckpt.set_rng_state(state["rng"])
         self.explore_rng.bit_generator.state = state["explore_rng"]
         self.last_good_step = self.step

@@ -15,13 +15,7 @@ from fastrp.nn.normalizer import RunningNormalizer
 from fastrp.ops.knn import fd_targets
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls are dominated by thread hand-off on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _linear_data(n, obs_dim=3, act_dim=2, seed=0, noise=0.0, dtype=torch.float32):

@@ -307,3 +307,16 @@ def test_cuda_run_and_compile(tmp_path, algo):
     assert run_main(tmp_path, "--algo", "sac", "--steps", "150", "--device", "cuda", "--compile",
                     "--run-name", "c") == 0
     assert all(int(r["skipped_updates"]) == 0 for r in read_metrics(str(tmp_path / "c")))
+
+
+def test_buffer_latest_contiguous_and_wrapped():
+    from fastrp.rl.buffer import ReplayBuffer
+
+    buf = ReplayBuffer(2, 1, 5, torch.device("cpu"))
+    rows = lambda lo, hi: (torch.arange(lo, hi).float()[:, None].expand(-1, 2), torch.zeros(hi - lo, 1),
+                           torch.arange(lo, hi).float(), torch.zeros(hi - lo, 2), torch.zeros(hi - lo))
+    buf.add(*rows(0, 3))
+    assert buf.latest(2).reward.tolist() == [1.0, 2.0] and buf.latest(9).reward.tolist() == [0.0, 1.0, 2.0]
+    buf.add(*rows(3, 7))  # wraps: storage holds 5, 6, 2, 3, 4
+    assert buf.latest(4).reward.tolist() == [3.0, 4.0, 5.0, 6.0]
+    assert buf.latest(2).reward.tolist() == [5.0, 6.0] and buf.latest(1).obs.tolist() == [[6.0, 6.0]]

@@ -16,12 +16,7 @@ from fastrp.rl.unroll import imagined_objective, model_rollout
 OBS, ACT = 3, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ConstPolicy(nn.Module):

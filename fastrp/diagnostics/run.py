@@ -37,7 +37,7 @@ from fastrp.diagnostics.variance import frozen_modules, rp_gradient_variance
 from fastrp.envs import dynamics_jacobians, make, termination_fn
 from fastrp.rl import checkpoint as ckpt
 from fastrp.rl.buffer import ReplayBuffer
-from fastrp.rl.logger import _fmt
+from fastrp.rl.logger import _fmt, truncate_csv
 
 __all__ = ["COLUMNS", "DIAG_CSV", "VARIANCE_ALGOS", "JACOBIAN_ALGOS", "RunError", "LoadedRun", "Settings",
            "read_config", "trained_device", "measurement_device", "load_run", "variance_rows", "jacobian_rows",
@@ -401,12 +401,7 @@ class TrainingDiagnostics:
         self.active = cfg.diag_every > 0 and cfg.algo != "sac"
         if resume_step is not None:
             if os.path.exists(self.path):
-                kept = [r for r in read_rows(self.path) if r.get("env_steps", "").isdigit()
-                        and int(r["env_steps"]) <= resume_step]
-                with open(self.path, "w", newline="") as fh:
-                    writer = csv.DictWriter(fh, COLUMNS, extrasaction="ignore")
-                    writer.writeheader()
-                    writer.writerows(kept)
+                truncate_csv(self.path, COLUMNS, resume_step)
         elif self.active:
             with open(self.path, "w", newline="") as fh:
                 csv.DictWriter(fh, COLUMNS).writeheader()

@@ -75,6 +75,8 @@ class ReplayBuffer:
     def latest(self, n: int) -> Batch:
         """The ``min(n, size)`` most recently added transitions (oldest first)."""
         n = min(int(n), self.size)
+        if n <= self.pos:  # contiguous: views, no index tensor (called every env step)
+            return Batch(*(f[self.pos - n: self.pos] for f in self._fields()))
         idx = (torch.arange(self.pos - n, self.pos) % self.capacity).to(self.device)
         return self.gather(idx)
 

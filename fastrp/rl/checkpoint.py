@@ -50,13 +50,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def env_state(env) -> Dict[str, Any]:
-    """:meth:`fastrp.envs.MujocoVectorEnv.state_dict`: everything the env needs to continue exactly."""
-    return env.state_dict()
-
-
-def set_env_state(env, state: Dict[str, Any]) -> None:
-    """Restore :func:`env_state` into an env of the same task and size that has been reset once."""
-    env.load_state_dict(state)

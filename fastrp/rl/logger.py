@@ -33,6 +33,17 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def truncate_csv(path: str, columns, resume_step: int) -> None:
+    """Rewrite the CSV at ``path`` keeping only rows with ``env_steps <= resume_step`` (a resumed
+    run continues exactly where its checkpoint left off; rows written after it are dropped)."""
+    with open(path, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("env_steps", "").isdigit() and int(r["env_steps"]) <= resume_step]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 class MetricsLogger:
     """Appends one row per log interval to ``<run_dir>/metrics.csv`` and mirrors every numeric value
     to TensorBoard (``<run_dir>/tb``; skipped with one warning if tensorboard is not installed).
@@ -44,12 +55,7 @@ class MetricsLogger:
     def __init__(self, run_dir: str, resume_step: Optional[int] = None):
         self.path = os.path.join(run_dir, "metrics.csv")
         if resume_step is not None and os.path.exists(self.path):
-            with open(self.path, newline="") as fh:
-                rows = [r for r in csv.DictReader(fh) if int(r["env_steps"]) <= resume_step]
-            with open(self.path, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, COLUMNS)
-                writer.writeheader()
-                writer.writerows(rows)
+            truncate_csv(self.path, COLUMNS, resume_step)
         else:
             with open(self.path, "w", newline="") as fh:
                 csv.DictWriter(fh, COLUMNS).writeheader()
