@@ -76,6 +76,21 @@ def test_make_names_and_ids(name):
     assert obs.shape == (3, OBS_DIMS[name]) and obs.dtype == np.float64
 
 
+def test_make_drops_only_the_settotalmass_warning(capfd):
+    """MuJoCo >= 4.0 warns about the deprecated ``settotalmass`` attribute of gymnasium's own XML
+    on every construction: make() drops that message, restores the warning handler afterwards and
+    forwards any other MuJoCo warning."""
+    before = mujoco.get_mju_user_warning()
+    make("HalfCheetah", num_envs=1)
+    out, err = capfd.readouterr()
+    assert "settotalmass" not in out + err
+    assert mujoco.get_mju_user_warning() is before
+    from fastrp.envs._tasks import _quiet_settotalmass
+
+    with _quiet_settotalmass(), pytest.warns(RuntimeWarning, match="MuJoCo: other"):
+        mujoco.get_mju_user_warning()("other warning")
+
+
 def test_make_errors():
     with pytest.raises(ValueError, match="HalfCheetah.*Humanoid-v5"):
         make("Cheetah")
