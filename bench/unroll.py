@@ -29,6 +29,15 @@ Providers, on the same inputs and the same weights, in one process:
                         :class:`fastrp.nn.ensemble.EnsembleMLP` with ``members=`` (only the chosen
                         member is computed), :class:`fastrp.nn.critic.TwinQ`
 * ``fastrp-cudagraph``  the same, forward and backward captured in one CUDA graph (CUDA)
+* ``trainer``           the trainer's own policy objective, ``DDPPO.actor_objective`` of a
+                        ``ddppo-sn`` agent with HalfCheetah's paper preset (the same network sizes)
+                        at this H and B: :func:`fastrp.rl.unroll.imagined_objective` with the
+                        observation normaliser, the prediction ensemble (mean and log-variance
+                        heads, no graph) plus the gradient model (differentiated), an elite drawn
+                        per sample, SN scales cached per update, HalfCheetah's termination function
+                        (never fires); then the policy gradient.  It does more work than the other
+                        providers (two models per step) on different weights, so it is not compared
+                        with ``eager``, only checked finite; its FLOPs are counted on its own work.
 
 Before timing, each provider's loss and policy gradient are compared with ``eager`` (run from the
 same spectral-norm state); a provider that disagrees is not timed.  On CPU the providers' calls
@@ -65,7 +74,8 @@ MODEL_HIDDEN, MODEL_LAYERS, ENSEMBLE = 200, 4, 7
 CRITIC_HIDDEN, CRITIC_LAYERS = 256, 2
 GAMMA, ALPHA = 0.99, 0.2
 LOG_STD_BOUNDS = (-5.0, 2.0)
-ALL_PROVIDERS = ("eager", "compile-default", "compile-max-autotune", "compile-reduce-overhead", "fastrp", "fastrp-cudagraph")
+ALL_PROVIDERS = ("eager", "compile-default", "compile-max-autotune", "compile-reduce-overhead", "fastrp", "fastrp-cudagraph",
+                 "trainer")
 CUDA_ONLY = ("compile-max-autotune", "compile-reduce-overhead", "fastrp-cudagraph")
 COMPILE_MODES = {"compile-default": None, "compile-max-autotune": "max-autotune-no-cudagraphs",
                  "compile-reduce-overhead": "reduce-overhead"}
@@ -114,16 +124,27 @@ def unroll(policy, model, critic, s0, noise, members, nvtx: bool = True) -> torc
     return -ret.mean()
 
 
+def _mlp_flops(i: int, h: int, n: int, o: int) -> float:
+    dims = [i] + [h] * n + [o]
+    return float(sum(2 * a * b for a, b in zip(dims[:-1], dims[1:])))
+
+
 def unroll_flops(H: int, B: int) -> float:
     """Useful FLOPs of one unroll, forward + backward (= 3 x forward GEMM FLOPs)."""
-    def mlp(i, h, n, o):
-        dims = [i] + [h] * n + [o]
-        return sum(2 * a * b for a, b in zip(dims[:-1], dims[1:]))
-
-    policy = mlp(OBS_DIM, POLICY_HIDDEN, POLICY_LAYERS, 2 * ACT_DIM)
-    model = mlp(OBS_DIM + ACT_DIM, MODEL_HIDDEN, MODEL_LAYERS, OBS_DIM + 1)
-    critic = 2 * mlp(OBS_DIM + ACT_DIM, CRITIC_HIDDEN, CRITIC_LAYERS, 1)
+    policy = _mlp_flops(OBS_DIM, POLICY_HIDDEN, POLICY_LAYERS, 2 * ACT_DIM)
+    model = _mlp_flops(OBS_DIM + ACT_DIM, MODEL_HIDDEN, MODEL_LAYERS, OBS_DIM + 1)
+    critic = 2 * _mlp_flops(OBS_DIM + ACT_DIM, CRITIC_HIDDEN, CRITIC_LAYERS, 1)
     return 3.0 * B * (H * (policy + model) + policy + critic)
+
+
+def trainer_flops(cfg, H: int, B: int) -> float:
+    """Useful FLOPs of the trainer's objective + policy gradient: policy and critic forward x 3,
+    the prediction model forward only (no graph), the gradient model forward x 3; both models with
+    their mean and log-variance heads."""
+    policy = _mlp_flops(OBS_DIM, cfg.hidden_dim, cfg.num_layers, 2 * ACT_DIM)
+    critic = 2 * _mlp_flops(OBS_DIM + ACT_DIM, cfg.hidden_dim, cfg.num_layers, 1)
+    model = _mlp_flops(OBS_DIM + ACT_DIM, cfg.model_hidden_dim, cfg.model_num_layers, 2 * (OBS_DIM + 1))
+    return B * (3.0 * ((H + 1) * policy + critic) + H * (model + 3.0 * model))
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,6 +279,50 @@ def load_members(ens, members: List[List[nn.Module]]):
 
 
 # --------------------------------------------------------------------------------------------
+# The trainer's own objective.
+# --------------------------------------------------------------------------------------------
+TRAINER_ENV, TRAINER_ALGO = "HalfCheetah", "ddppo-sn"
+
+
+def trainer_config(H: int, B: int, device):
+    """The trainer's resolved config: ``ddppo-sn`` with HalfCheetah's paper preset, at H and B."""
+    from fastrp.config import resolve
+
+    return resolve({"env": TRAINER_ENV, "algo": TRAINER_ALGO, "device": device.type, "horizon": H, "batch_size": B})
+
+
+def build_trainer(H: int, B: int, device, seed: int):
+    """``step()`` running the trainer's ``actor_objective`` (forward) and the policy gradient on the
+    benchmark's start states; the agent is freshly initialised (models not fitted: the timing does
+    not depend on the weights' values)."""
+    from fastrp import algos
+
+    cfg = trainer_config(H, B, device)
+    torch.manual_seed(seed)
+    agent = algos.get(TRAINER_ALGO)(cfg, OBS_DIM, ACT_DIM, [-1.0] * ACT_DIM, [1.0] * ACT_DIM, device,
+                                    termination=termination_fn(TRAINER_ENV))
+    params = list(agent.policy.parameters())
+
+    def step(s0):
+        with common.nvtx_range("trainer/forward"):
+            loss, _, _ = agent.actor_objective(s0)
+        with common.nvtx_range("trainer/backward"):
+            grads = torch.autograd.grad(loss, params)
+        return loss, grads
+
+    return step
+
+
+def check_finite(out) -> Optional[str]:
+    """None when the loss and every gradient are finite, else why not."""
+    loss, grads = out
+    if not (torch.isfinite(loss).item() and all(torch.isfinite(g).all().item() for g in grads)):
+        return "non-finite loss or policy gradient; not timed"
+    print(f"  check {'trainer':<24} loss {loss.item():.4g}, policy gradient finite (not compared: other networks)")
+    return None
+
+
+# --------------------------------------------------------------------------------------------
 # Providers: each is a ``step()`` returning ``(loss, policy_grads)``.
 # --------------------------------------------------------------------------------------------
 def make_step(forward: Callable[[], torch.Tensor], params: List[torch.Tensor], nvtx: bool):
@@ -298,6 +363,9 @@ def build_provider(name, nets, inputs, device):
     if name in CUDA_ONLY and device.type != "cuda":
         return "CUDA only"
     s0, noise, members = inputs
+    if name == "trainer":
+        step = build_trainer(members.shape[0], s0.shape[0], device, 0)
+        return lambda: step(s0)
     if name.startswith("fastrp"):
         if isinstance(nets["fastrp"], str):
             return nets["fastrp"]
@@ -388,10 +456,10 @@ def main(argv=None):
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--horizons", default=None, help="H values (default: 1,3,5,10 on CUDA, 1,3,10 on CPU)")
     ap.add_argument("--batches", default=None, help="B values (default: 256,1024,4096 on CUDA, 256 on CPU)")
-    ap.add_argument("--providers", default=None, help=f"comma separated, from {','.join(ALL_PROVIDERS)} (default: all on CUDA; eager,fastrp on CPU, "
+    ap.add_argument("--providers", default=None, help=f"comma separated, from {','.join(ALL_PROVIDERS)} (default: all on CUDA; eager,fastrp,trainer on CPU, "
                     "where torch.compile takes minutes per size)")
     ap.add_argument("--json", default=None, help="write the results to this JSON file")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, eager + fastrp only: a smoke test")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, eager + fastrp + trainer only: a smoke test")
     ap.add_argument("--phases", action="store_true", help="also time each phase of eager and fastrp (where the time goes)")
     ap.add_argument("--time", type=float, default=1.0, help="seconds of repetitions per measurement")
     ap.add_argument("--seed", type=int, default=0)
@@ -404,13 +472,13 @@ def main(argv=None):
     cuda = device.type == "cuda"
     if args.quick:
         horizons, batches = [1, 2], [8]
-        names = ["eager", "fastrp"]
+        names = ["eager", "fastrp", "trainer"]
         args.time = min(args.time, 0.2)
     else:
         horizons = common.parse_list(args.horizons or ("1,3,5,10" if cuda else "1,3,10"))
         batches = common.parse_list(args.batches or ("256,1024,4096" if cuda else "256"))
         # torch.compile takes minutes per (H, B) on a small CPU: opt-in there (--providers)
-        default = ALL_PROVIDERS if cuda else ("eager", "fastrp")
+        default = ALL_PROVIDERS if cuda else ("eager", "fastrp", "trainer")
         names = [n.strip() for n in (args.providers or ",".join(default)).split(",") if n.strip()]
     if "eager" not in names:
         names.insert(0, "eager")  # the reference every provider is checked against
@@ -452,7 +520,9 @@ def main(argv=None):
                         entry["status"] = step
                     else:
                         restore(nets, snap)
-                        why = compare(name, step(), ref, grad_map)
+                        why = check_finite(step()) if name == "trainer" else compare(name, step(), ref, grad_map)
+                        if name == "trainer":
+                            entry["gflop"] = trainer_flops(trainer_config(H, B, device), H, B) / 1e9
                         entry["first_call_s"] = time.perf_counter() - t0
                         entry["status"] = why or "ok"
                         if not why:
@@ -511,6 +581,8 @@ def _row(e, peak):
                 "TFLOP/s": f"{e['tflops']:.3g}", "% peak": f"{e['pct_peak']:.1f}" if peak else ""})
     if e["provider"].startswith("compile"):
         row["note"] = f"first call (compile) {e['first_call_s']:.0f} s"
+    elif e["provider"] == "trainer":
+        row["note"] = "+ gradient model; own FLOPs"
     return row
 
 
@@ -524,6 +596,8 @@ def _summary(block, H, B) -> str:
     if compiled:
         v, k = min(compiled)
         line += f", {v / best_fast[0]:.2f}x the best torch.compile ({k})"
+    if "trainer" in timed and "eager" in timed:
+        line += f"; the trainer's own objective (prediction + gradient model) {timed['eager'] / timed['trainer']:.2f}x eager"
     return line
 
 
