@@ -59,3 +59,52 @@ def test_knn_bench_providers_agree(tmp_path):
             assert r["status"] == "ok", r
             assert r["check_err"] <= 1e-3
 
+
+def _write(path, results, **extra):
+    path.write_text(json.dumps({"device": "test device", **extra, "results": results}))
+
+
+def test_all_summary_reads_the_targets(tmp_path, capsys):
+    """``bench/all.py --summary`` turns result files into the targets table: ratios over the right
+    baselines, met / short / not measured."""
+    all_ = _bench_module("all")
+    unroll = [{"H": 3, "B": 256, "provider": p, "median_ms": ms, "status": "ok", "pct_peak": 5.0}
+              for p, ms in (("eager", 10.0), ("compile-default", 3.0), ("compile-reduce-overhead", 2.0),
+                            ("fastrp", 1.5), ("fastrp-cudagraph", 0.5), ("trainer", 0.1))]
+    unroll += [{"H": 10, "B": 256, "provider": "eager", "median_ms": 30.0, "status": "ok"},
+               {"H": 10, "B": 256, "provider": "fastrp", "median_ms": 10.0, "status": "ok"},
+               {"H": 10, "B": 1024, "provider": "fastrp", "median_ms": 0.01, "status": "ok"}]
+    _write(tmp_path / "x-unroll.json", unroll)
+    knn = [{"provider": "fastrp", "n": 100_000, "q": 100_000, "d": 23, "median_ms": 10.0},
+           {"provider": "torch-cdist", "n": 100_000, "q": 100_000, "d": 23, "median_ms": 250.0},
+           {"provider": "torch-cdist", "n": 100_000, "q": 256, "d": 23, "median_ms": 1.0},
+           {"provider": "faiss-flat", "n": 100_000, "q": 100_000, "d": 23, "status": "unavailable: faiss not importable"}]
+    _write(tmp_path / "x-knn.json", knn)
+    update = [{"provider": "eager", "update": {"median_ms": 100.0}, "updates_per_s": 10.0},
+              {"provider": "fastrp", "update": {"median_ms": 25.0}, "updates_per_s": 40.0},
+              {"provider": "fastrp-cudagraph", "error": "CUDA only"}]
+    _write(tmp_path / "x-update.json", update, preset="paper", model_max_epochs=20)
+    assert all_.main(["--summary", "--out", str(tmp_path), "--tag", "x"]) == 0
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "target" not in line}
+    assert rows["unroll H=3 B=256 vs eager"][:3] == ["20.00x", ">= 10x", "met"]  # fastrp-cudagraph, not trainer
+    assert rows["unroll H=3 B=256 vs best torch.compile"][:3] == ["4.00x", ">= 2x", "met"]
+    assert rows["unroll H=10 B=256 vs eager"][:3] == ["3.00x", ">= 10x", "short"]  # B=1024 row ignored
+    assert rows["unroll H=10 B=256 vs best torch.compile"][2] == "not measured"
+    assert rows["knn N = Q = 1e5, d = 23 vs cdist+topk"][:3] == ["25.00x", ">= 20x", "met"]
+    assert rows["knn N = Q = 1e5, d = 23 vs faiss flat"][2:] == ["not measured", "unavailable: faiss not importable"]
+    assert rows["ddppo-sn update vs eager"][:3] == ["4.00x", ">= 5x", "short"]
+
+
+def test_all_runs_every_script(tmp_path):
+    """``bench/all.py --quick`` runs the scripts in their own processes and each writes its JSON
+    (unroll and knn at tiny sizes are covered above: update and envs here)."""
+    all_ = _bench_module("all")
+    assert all_.main(["--quick", "--device", "cpu", "--only", "update,envs", "--out", str(tmp_path)]) == 0
+    for name in ("update", "envs"):
+        data = json.loads((tmp_path / f"cpu-{name}.json").read_text())
+        assert data["results"], name
+    update = {r["provider"]: r for r in json.loads((tmp_path / "cpu-update.json").read_text())["results"]}
+    assert update["fastrp"]["updates_per_s"] > 0 and update["fastrp-cudagraph"]["error"] == "CUDA only"
+    with pytest.raises(SystemExit):
+        all_.main(["--only", "unroll,nope"])
