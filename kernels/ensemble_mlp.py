@@ -120,7 +120,7 @@ def _mlp_fwd_kernel(
                         a = _act(a, ACT)  # act(0) = 0 for every activation: padding stays 0
                     w = tl.load(w_base + ks[:, None] * d_out + cols[None, :],
                                 mask=kmask[:, None] & cmask[None, :], other=0.0)
-                    acc = tl.dot(a, w, acc, input_precision=PRECISION)
+                    acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=dty)
                 bias = tl.load(b_base + cols, mask=cmask, other=0.0)
                 out = acc * scale + bias[None, :]
                 tl.store(dst + rows64[:, None] * d_out + cols[None, :], out,
@@ -169,7 +169,7 @@ def _mlp_bwd_data_kernel(
                                  mask=rmask[:, None] & nmask[None, :], other=0.0)
                     wt = tl.load(w_base + ks[None, :] * d_out + ns[:, None],
                                  mask=nmask[:, None] & kmask[None, :], other=0.0)
-                    acc = tl.dot(dz, wt, acc, input_precision=PRECISION)
+                    acc = tl.dot(dz, wt, acc, input_precision=PRECISION, out_dtype=dty)
                 out = acc * scale
                 omask = rmask[:, None] & kmask[None, :]
                 if l > 0:
@@ -223,7 +223,7 @@ def _mlp_bwd_weight_kernel(
             ht = _act(ht, ACT)
         dz = tl.load(gsrc + rows64[:, None] * d_out + cols[None, :],
                      mask=rmask[:, None] & cmask[None, :], other=0.0)
-        acc = tl.dot(ht, dz, acc, input_precision=PRECISION)
+        acc = tl.dot(ht, dz, acc, input_precision=PRECISION, out_dtype=dty)
         dbias += tl.sum(dz, axis=0)
     wmask = kmask[:, None] & cmask[None, :]
     wtile = tl.load(w_ptr + w_off + ks[:, None] * d_out + cols[None, :], mask=wmask, other=0.0)

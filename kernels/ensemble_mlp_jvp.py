@@ -87,7 +87,7 @@ def _mlp_jvp_fwd_kernel(
                                 cache_modifier=".cg")
                 w = tl.load(w_base + k[:, None] * dout + n[None, :],
                             mask=(k[:, None] < din) & (n[None, :] < dout), other=0.0)
-                acc = tl.dot(a, w, acc, input_precision="ieee")
+                acc = tl.dot(a, w, acc, input_precision="ieee", out_dtype=dtype)
             acc3 = tl.reshape(acc, [BLOCK_B, GROUP, BLOCK_N])
             if (SCALE_MASK >> layer) & 1:
                 acc3 = acc3 * s
