@@ -406,6 +406,11 @@ def test_measurements_leave_the_agent_untouched(runs):
               for k, m in modules.items()}
     modes = {k: m.training for k, m in modules.items()}
     flags = {k: [p.requires_grad for p in m.parameters()] for k, m in modules.items()}
+    for m in modules.values():  # the optimizers allocate .grad up front: mark it to see any write
+        for p in m.parameters():
+            if p.grad is not None:
+                p.grad.normal_()
+    grads = {k: [None if p.grad is None else p.grad.clone() for p in m.parameters()] for k, m in modules.items()}
     rng = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
     settings = Settings.from_config(run.cfg)
     var = variance_rows(agent, run.buffer, run.cfg, run.step, settings)
@@ -415,7 +420,9 @@ def test_measurements_leave_the_agent_untouched(runs):
     for k, m in modules.items():
         assert m.training == modes[k], k
         assert [p.requires_grad for p in m.parameters()] == flags[k], k
-        assert all(p.grad is None for p in m.parameters()), k
+        after = [None if p.grad is None else p.grad for p in m.parameters()]
+        assert all((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+                   for a, b in zip(after, grads[k])), k  # the optimizers' .grad tensors untouched
         for n, t in m.state_dict().items():
             if isinstance(t, torch.Tensor):
                 assert torch.equal(t, before[k][n]), (k, n)  # includes the spectral-norm u, v buffers

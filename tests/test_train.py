@@ -108,6 +108,28 @@ def test_guard_keeps_parameters_when_loss_is_nan():
     assert bool(ok) and not torch.equal(next(layer.parameters()), before[0])
 
 
+def test_adam_grads_preallocated_and_cuda_graph_closures_warm_up_eagerly():
+    """make_adam gives every parameter a zeroed .grad up front (never first created by a compiled
+    backward); with cuda_graphs, maybe_compile runs the closure's first call eagerly (the ops'
+    cached device tables are then allocated outside the CUDA-graph pool) and compiles later calls."""
+    from fastrp.algos.common import make_adam, maybe_compile
+
+    layer = torch.nn.Linear(3, 2)
+    make_adam(layer.parameters(), 1e-3, torch.device("cpu"))
+    assert all(p.grad is not None and not p.grad.any() for p in layer.parameters())
+    traced = []
+
+    def step(x):
+        traced.append(torch.compiler.is_compiling())
+        return (x * 2).sum()
+
+    torch._dynamo.reset()
+    fn = maybe_compile(step, enabled=True, cuda_graphs=True)
+    assert [fn(torch.ones(4)).item() for _ in range(3)] == [8.0, 8.0, 8.0]
+    assert traced[0] is False and traced[1] is True  # eager first call, then dynamo traced it
+    assert maybe_compile(step, enabled=False, cuda_graphs=True) is step
+
+
 def test_diverged_model_fit_is_undone_and_counted(tmp_path, monkeypatch):
     from fastrp.nn.model import ProbabilisticEnsemble
 
@@ -255,7 +277,7 @@ def test_termination_masks_stop_reward_accumulation(start, expected_reward, expe
         _, info = imagined_objective(agent.policy, agent.model, agent.critic, obs, 3, 1.0, 0.0, agent.termination)
     assert info["model_reward"].item() == pytest.approx(expected_reward)
     loss.backward()
-    assert all(p.grad is None for p in agent.critic.parameters()), "the critic must not be differentiated"
+    assert not any(p.grad.any() for p in agent.critic.parameters()), "the critic must not be differentiated"
 
 
 def test_checkpoint_is_atomic(tmp_path, monkeypatch):
@@ -307,6 +329,11 @@ def test_cuda_run_and_compile(tmp_path, algo):
     assert run_main(tmp_path, "--algo", "sac", "--steps", "150", "--device", "cuda", "--compile",
                     "--run-name", "c") == 0
     assert all(int(r["skipped_updates"]) == 0 for r in read_metrics(str(tmp_path / "c")))
+    assert run_main(tmp_path, "--algo", algo, "--steps", "150", "--device", "cuda", "--compile", "--cuda-graphs",
+                    "--run-name", "g") == 0
+    rows = read_metrics(str(tmp_path / "g"))
+    assert rows and all(int(r["skipped_updates"]) == 0 for r in rows)
+    assert all(math.isfinite(float(r["critic_loss"])) for r in rows if r["critic_loss"])
 
 
 def test_buffer_latest_contiguous_and_wrapped():

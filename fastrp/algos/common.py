@@ -10,11 +10,18 @@ import torch
 
 def make_adam(params: Iterable[torch.nn.Parameter], lr: float, device: torch.device, weight_decay: float = 0.0):
     """Adam, ``capturable`` on CUDA (its step counter stays on the device, so the update can be
-    captured in a CUDA graph)."""
+    captured in a CUDA graph). Every parameter gets a zeroed ``.grad`` now: :func:`guarded_step`
+    zeroes gradients in place, so they are allocated once, here, outside any CUDA-graph memory
+    pool (a ``.grad`` first created by a compiled backward would be a graph output that the next
+    replay overwrites)."""
+    params = list(params)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
     kwargs = dict(lr=lr, weight_decay=weight_decay)
     if device.type == "cuda":
         kwargs["capturable"] = True
-    return torch.optim.Adam(list(params), **kwargs)
+    return torch.optim.Adam(params, **kwargs)
 
 
 def guarded_step(optimizer: torch.optim.Optimizer, params: List[torch.nn.Parameter],
@@ -89,10 +96,25 @@ class DeviceMetrics:
 
 def maybe_compile(fn: Callable, enabled: bool, cuda_graphs: bool) -> Callable:
     """``torch.compile(fn)`` when ``enabled`` (``mode="reduce-overhead"``, i.e. CUDA graphs, when
-    ``cuda_graphs``); ``fn`` itself otherwise."""
+    ``cuda_graphs``); ``fn`` itself otherwise.
+
+    With ``cuda_graphs`` the first call runs ``fn`` eagerly: the fastrp ops cache small device
+    tables per shape (layer layouts, row segments) on first use, and those must be allocated in
+    ordinary memory, not in the CUDA-graph trees' private pool during their warm-up run."""
     if not enabled:
         return fn
-    return torch.compile(fn, mode="reduce-overhead" if cuda_graphs else None)
+    compiled = torch.compile(fn, mode="reduce-overhead" if cuda_graphs else None)
+    if not cuda_graphs:
+        return compiled
+    warmed = []
+
+    def call(*args, **kwargs):
+        if not warmed:
+            warmed.append(True)
+            return fn(*args, **kwargs)
+        return compiled(*args, **kwargs)
+
+    return call
 
 
 def finite_module(*modules: Optional[torch.nn.Module]) -> bool:
