@@ -19,7 +19,7 @@ prediction model and gradients from the gradient model).  The phases, each its o
                   ``rollout_batch_size`` start states into the model buffer
 * ``grad_model``  ``guarded_fit`` of the gradient ensemble (NLL + ``fd_weight`` x directional-
                   derivative loss; kNN over the last ``fd_window`` transitions, forward-mode JVPs)
-* ``critic``      ``critic_updates`` x ``agent._critic_step`` (compiled under ``--compile``)
+* ``critic``      ``critic_updates`` x ``agent._critic_step`` (compiled under ``--compile``, as the policy step)
 * ``policy``      ``policy_updates`` x ``agent._actor_step`` (the unroll, forward + backward)
 
 The two refits happen once per ``model_train_every`` env steps, so one update costs
@@ -38,8 +38,8 @@ Providers, in one process, each with its own agent (same seed, same replay buffe
                         (``fastrp.nn.model.fd_targets``) is called with ``backend="torch"``
 * ``fastrp``            the trainer as it runs by default (auto backends: Triton / CUDA kernels on
                         CUDA, C++ kNN and torch dense ops on CPU)
-* ``fastrp-cudagraph``  the trainer's ``--compile --cuda-graphs`` (critic closure compiled with
-                        ``mode="reduce-overhead"``; CUDA only)
+* ``fastrp-cudagraph``  the trainer's ``--compile --cuda-graphs`` (critic and policy closures compiled
+                        with ``mode="reduce-overhead"``; CUDA only)
 
 The replay buffer holds ``--fill`` real HalfCheetah transitions from ``fastrp.envs`` with uniform
 random actions (as the trainer's warm-up).  On CPU the providers' repeats are interleaved

@@ -58,7 +58,7 @@ class Config:
     progress: bool = True
     """Print a live progress line on stderr."""
     compile: bool = False
-    """torch.compile the update closures (for maac / rp-sn / ddppo / ddppo-sn the critic closure only)."""
+    """torch.compile the update closures (critic step; policy + temperature step, with the model unroll)."""
     cuda_graphs: bool = False
     """Capture the compiled update closures in CUDA graphs (mode=reduce-overhead; needs --compile and CUDA)."""
     fault_nan_at: int = -1

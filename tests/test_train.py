@@ -312,12 +312,32 @@ def test_buffer_round_trip_with_larger_capacity():
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ["sac", "ddppo-sn"])
 def test_compile_on_cpu(tmp_path, algo):
-    """--compile wraps the update closures in torch.compile (sac: critic and policy; the model-based
-    algorithms: the critic); a short run compiles, trains and skips nothing."""
+    """--compile wraps the critic and policy update closures in torch.compile (for ddppo-sn the
+    policy closure holds the unroll through both models); a short run compiles, trains and skips
+    nothing."""
     assert run_main(tmp_path, "--algo", algo, "--steps", "150", "--compile", "--run-name", "c") == 0
     rows = read_metrics(str(tmp_path / "c"))
     assert rows and all(int(r["skipped_updates"]) == 0 for r in rows)
     assert all(math.isfinite(float(r["critic_loss"])) for r in rows if r["critic_loss"])
+
+
+@pytest.mark.slow
+def test_compiled_policy_step_restores_the_models():
+    """The compiled ddppo-sn policy step freezes the critic and both models only while it runs:
+    afterwards they are trainable and in training mode again, and the policy has moved."""
+    from fastrp.algos import get as get_algo
+
+    cfg = parse_args([*TINY, "--algo", "ddppo-sn", "--compile"])
+    agent = get_algo("ddppo-sn")(cfg, 4, 1, [-3.0], [3.0], torch.device("cpu"),
+                                 termination=lambda o, a, n: torch.zeros(o.shape[0], dtype=torch.bool))
+    before = [p.detach().clone() for p in agent.policy.parameters()]
+    for _ in range(3):
+        out = agent._actor_step(torch.randn(8, 4))
+        assert bool(out["actor_ok"])
+        for m in (agent.critic, agent.model, agent.grad_model):
+            assert all(p.requires_grad for p in m.parameters())
+        assert agent.model.training and agent.grad_model.training and not agent._policy_mode
+    assert any(not torch.equal(a, b) for a, b in zip(before, agent.policy.parameters()))
 
 
 @pytest.mark.cuda

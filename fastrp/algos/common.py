@@ -96,14 +96,16 @@ class DeviceMetrics:
 
 def maybe_compile(fn: Callable, enabled: bool, cuda_graphs: bool) -> Callable:
     """``torch.compile(fn)`` when ``enabled`` (``mode="reduce-overhead"``, i.e. CUDA graphs, when
-    ``cuda_graphs``); ``fn`` itself otherwise.
+    ``cuda_graphs``), specialised to static shapes; ``fn`` itself otherwise.
 
     With ``cuda_graphs`` the first call runs ``fn`` eagerly: the fastrp ops cache small device
     tables per shape (layer layouts, row segments) on first use, and those must be allocated in
     ordinary memory, not in the CUDA-graph trees' private pool during their warm-up run."""
     if not enabled:
         return fn
-    compiled = torch.compile(fn, mode="reduce-overhead" if cuda_graphs else None)
+    # static shapes: the trainer's batch sizes never change, and a closure traced again for another
+    # agent's batch size (tests, benchmarks) must not turn dynamic (torch.randint rejects symbolic sizes)
+    compiled = torch.compile(fn, mode="reduce-overhead" if cuda_graphs else None, dynamic=False)
     if not cuda_graphs:
         return compiled
     warmed = []

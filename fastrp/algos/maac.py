@@ -14,7 +14,7 @@ Lipschitz constants that the RP gradient's variance grows with.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -30,9 +30,16 @@ class MAAC(MBPO):
 
     def __init__(self, cfg, obs_dim, act_dim, action_low, action_high, device, termination=None):
         super().__init__(cfg, obs_dim, act_dim, action_low, action_high, device, termination)
-        # --compile covers the critic closure only: the policy closure toggles requires_grad on
-        # the critic and models and draws elite indices per call, which makes dynamo recompile
-        self._actor_step = self.actor_step
+        self._policy_mode = False
+        # SAC compiled ``actor_step`` under --compile; the freezing below stays outside the
+        # compiled region (its requires_grad / mode switches would make dynamo recompile)
+        compiled = self._actor_step
+
+        def actor_step(obs: torch.Tensor) -> Dict[str, torch.Tensor]:
+            with self.policy_update_mode():
+                return compiled(obs)
+
+        self._actor_step = actor_step
 
     def gradient_model(self) -> Optional[torch.nn.Module]:
         """The model the policy gradient flows through (None: the prediction model itself)."""
@@ -41,27 +48,42 @@ class MAAC(MBPO):
     def actor_obs(self, buffer: ReplayBuffer) -> torch.Tensor:
         return buffer.sample(self.cfg.batch_size).obs
 
-    def actor_objective(self, obs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+    @contextlib.contextmanager
+    def policy_update_mode(self) -> Iterator[None]:
+        """The state of a policy update: only the policy is differentiated (critic and models
+        ``requires_grad_(False)``: no graph through their weights), the models in eval mode (their
+        spectral-norm vectors belong to model training) and each network's spectral-norm scales
+        computed once for the whole unroll. Everything is restored on exit; nested entries are
+        no-ops."""
+        if self._policy_mode:
+            yield
+            return
         models = [m for m in (self.model, self.gradient_model()) if m is not None]
         frozen = [self.critic] + models
-        for m in frozen:  # only the policy is differentiated: no graph through the other weights
-            m.requires_grad_(False)
         modes = [m.training for m in models]
-        for m in models:  # the models' spectral-norm vectors belong to model training: eval mode
+        for m in frozen:
+            m.requires_grad_(False)
+        for m in models:
             m.eval()
+        self._policy_mode = True
         try:
-            with contextlib.ExitStack() as stack:  # each network's SN scales computed once per update
+            with contextlib.ExitStack() as stack:
                 for module in [self.policy] + models:
                     net = getattr(module, "net", None)
                     if hasattr(net, "cached_scales"):
                         stack.enter_context(net.cached_scales())
-                loss, info = imagined_objective(self.policy, self.model, self.critic, obs, self.cfg.horizon,
-                                                self.cfg.gamma, self.alpha, self.termination,
-                                                grad_model=self.gradient_model())
+                yield
         finally:
+            self._policy_mode = False
             for m in frozen:
                 m.requires_grad_(True)
             for m, mode in zip(models, modes):
                 m.train(mode)
+
+    def actor_objective(self, obs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+        with self.policy_update_mode():
+            loss, info = imagined_objective(self.policy, self.model, self.critic, obs, self.cfg.horizon,
+                                            self.cfg.gamma, self.alpha, self.termination,
+                                            grad_model=self.gradient_model())
         extra = {"model_return": info["return"], "imagined_alive": info["alive"]}
         return loss, -info["entropy"], extra
