@@ -168,10 +168,11 @@ def _torch_backward(grad_y, x, seg, weights, scales, zflat, activation, need_dx,
 # registered ops
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=None)
 def _dense_seg(E: int, R: int, device: torch.device) -> torch.Tensor:
     """``seg`` of the dense layout (member ``e`` owns rows ``e·B:(e+1)·B``), cached per shape so
-    the forward and backward launch no ``arange``."""
+    the forward and backward launch no ``arange``. Never evicted (a few bytes per shape): a table
+    re-created inside a CUDA-graph trees' warm-up would be allocated in their private pool."""
     B = R // E
     return torch.arange(E + 1, device=device, dtype=torch.int64) * B
 
