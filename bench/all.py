@@ -169,6 +169,9 @@ def summary(out_dir: str, tag: str) -> str:
     device = next((d["device"] for d in (unroll, knn, update) if d), "no results")
     rows = unroll_rows(unroll) + knn_rows(knn) + update_rows(update)
     head = f"targets (H200) against {device}, from {out_dir}/{tag}-*.json"
+    partial = [n for n, d in zip(("unroll", "knn", "update"), (unroll, knn, update)) if d and d.get("complete") is False]
+    if partial:
+        head += f"\n(partial results: {', '.join(partial)} stopped before its last size)"
     if tag == "cpu":
         head += "\n(CPU: the torch formulas run, not the GPU kernels; ratios for reference only)"
     return head + "\n" + common.format_table(rows, ["target", "measured", "goal", "verdict", "detail"])

@@ -104,16 +104,22 @@ def load_average() -> Optional[float]:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
-def write_json(path: str, device: torch.device, results: List[dict], **extra) -> None:
-    """Write ``{device, torch, triton, python, date, cpu, ..., results}`` to ``path``."""
+def write_json(path: str, device: torch.device, results: List[dict], quiet: bool = False, **extra) -> None:
+    """Write ``{device, torch, triton, python, date, cpu, ..., results}`` to ``path`` (through a
+    temporary file and a rename: a run killed while writing leaves the previous file whole).
+    Scripts with many sizes call it after each size with ``complete=False`` (and ``quiet``), so a
+    run stopped by a time limit keeps what it measured."""
     out = metadata(device)
     out.update(extra)
     out["results"] = results
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         json.dump(out, f, indent=2)
         f.write("\n")
-    print(f"wrote {path}")
+    os.replace(tmp, path)
+    if not quiet:
+        print(f"wrote {path}")
 
 
 def synchronize(device: torch.device) -> None:

@@ -262,9 +262,11 @@ def main(argv=None):
                     rows.append(_row(entry, base_ms))
                 print(common.format_table(rows[-len(names):], COLUMNS))
                 print()
+                if args.json:  # what is measured so far survives a run stopped by a time limit
+                    common.write_json(args.json, device, results, quiet=True, complete=False, k=args.k, data=args.data)
     print(common.format_table(rows, COLUMNS))
     if args.json:
-        common.write_json(args.json, device, results, k=args.k, data=args.data)
+        common.write_json(args.json, device, results, complete=True, k=args.k, data=args.data)
 
 
 COLUMNS = ["N", "d", "Q", "provider", "median ms", "p20 ms", "p80 ms", "queries/s", "vs torch-cdist", "fastrp faster by", "note"]

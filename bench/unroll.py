@@ -549,13 +549,19 @@ def main(argv=None):
             print(common.format_table(rows[-len(block):], COLUMNS if peak else COLUMNS[:-2] + COLUMNS[-1:]))
             print(summary[-1])
             print()
+            if args.json:  # what is measured so far survives a run stopped by a time limit
+                _write(args.json, device, results, peak, complete=False)
     print(common.format_table(rows, COLUMNS if peak else COLUMNS[:-2] + COLUMNS[-1:]))
     print("\n".join(summary))
     if args.json:
-        common.write_json(args.json, device, results, peak_fp32_tflops=peak,
-                          config={"obs_dim": OBS_DIM, "act_dim": ACT_DIM, "policy": f"{POLICY_LAYERS}x{POLICY_HIDDEN} relu, SN hidden",
-                                  "model": f"{ENSEMBLE} members, {MODEL_LAYERS}x{MODEL_HIDDEN} silu, SN hidden",
-                                  "critic": f"twin {CRITIC_LAYERS}x{CRITIC_HIDDEN} relu", "gamma": GAMMA, "alpha": ALPHA})
+        _write(args.json, device, results, peak, complete=True)
+
+
+def _write(path, device, results, peak, complete: bool) -> None:
+    common.write_json(path, device, results, quiet=not complete, complete=complete, peak_fp32_tflops=peak,
+                      config={"obs_dim": OBS_DIM, "act_dim": ACT_DIM, "policy": f"{POLICY_LAYERS}x{POLICY_HIDDEN} relu, SN hidden",
+                              "model": f"{ENSEMBLE} members, {MODEL_LAYERS}x{MODEL_HIDDEN} silu, SN hidden",
+                              "critic": f"twin {CRITIC_LAYERS}x{CRITIC_HIDDEN} relu", "gamma": GAMMA, "alpha": ALPHA})
 
 
 def _derive(block, peak, transitions):

@@ -108,3 +108,26 @@ def test_all_runs_every_script(tmp_path):
     assert update["fastrp"]["updates_per_s"] > 0 and update["fastrp-cudagraph"]["error"] == "CUDA only"
     with pytest.raises(SystemExit):
         all_.main(["--only", "unroll,nope"])
+
+
+def test_unroll_writes_partial_results_after_each_size(tmp_path, monkeypatch):
+    """unroll.py rewrites its JSON after every size (``complete: false`` until the end), so a run
+    stopped by a time limit keeps what it measured; all.py flags such a file."""
+    unroll = _bench_module("unroll")
+    out = tmp_path / "x-unroll.json"
+    seen = []
+    real = unroll.common.write_json
+
+    def spy(path, device, results, quiet=False, **extra):
+        seen.append((len(results), extra["complete"]))
+        real(path, device, results, quiet=quiet, **extra)
+
+    monkeypatch.setattr(unroll.common, "write_json", spy)
+    unroll.main(["--device", "cpu", "--horizons", "1,2", "--batches", "5", "--time", "0.02",
+                 "--providers", "eager,fastrp", "--json", str(out)])
+    assert seen == [(2, False), (4, False), (4, True)]
+    data = json.loads(out.read_text())
+    data["complete"] = False
+    out.write_text(json.dumps(data))
+    all_ = _bench_module("all")
+    assert "partial results: unroll" in all_.summary(str(tmp_path), "x")
