@@ -323,21 +323,33 @@ def test_compile_on_cpu(tmp_path, algo):
 
 @pytest.mark.slow
 def test_compiled_policy_step_restores_the_models():
-    """The compiled ddppo-sn policy step freezes the critic and both models only while it runs:
-    afterwards they are trainable and in training mode again, and the policy has moved."""
+    """The compiled ddppo-sn policy step (dynamo does compile it) differentiates only the policy:
+    the critic and both models get no gradient, and afterwards they are trainable and in training
+    mode again (a flag frozen before the step stays frozen); the policy has moved."""
+    from torch._dynamo.utils import counters
+
     from fastrp.algos import get as get_algo
 
+    torch._dynamo.reset()
+    counters.clear()
     cfg = parse_args([*TINY, "--algo", "ddppo-sn", "--compile"])
     agent = get_algo("ddppo-sn")(cfg, 4, 1, [-3.0], [3.0], torch.device("cpu"),
                                  termination=lambda o, a, n: torch.zeros(o.shape[0], dtype=torch.bool))
+    for m in (agent.critic, agent.model, agent.grad_model):
+        for p in m.parameters():
+            p.grad = torch.zeros_like(p)
+    agent.model.min_logvar.requires_grad_(False)
     before = [p.detach().clone() for p in agent.policy.parameters()]
     for _ in range(3):
         out = agent._actor_step(torch.randn(8, 4))
         assert bool(out["actor_ok"])
         for m in (agent.critic, agent.model, agent.grad_model):
-            assert all(p.requires_grad for p in m.parameters())
+            assert not any(p.grad.any() for p in m.parameters())
+            assert all(p.requires_grad for n, p in m.named_parameters() if not (m is agent.model and n == "min_logvar"))
+        assert not agent.model.min_logvar.requires_grad
         assert agent.model.training and agent.grad_model.training and not agent._policy_mode
     assert any(not torch.equal(a, b) for a, b in zip(before, agent.policy.parameters()))
+    assert counters["stats"]["unique_graphs"] > 0
 
 
 @pytest.mark.cuda

@@ -112,8 +112,9 @@ def maybe_compile(fn: Callable, enabled: bool, cuda_graphs: bool) -> Callable:
 
     def call(*args, **kwargs):
         if not warmed:
-            warmed.append(True)
-            return fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
+            warmed.append(True)  # only once a warm-up call has completed
+            return out
         return compiled(*args, **kwargs)
 
     return call

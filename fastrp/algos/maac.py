@@ -31,15 +31,16 @@ class MAAC(MBPO):
     def __init__(self, cfg, obs_dim, act_dim, action_low, action_high, device, termination=None):
         super().__init__(cfg, obs_dim, act_dim, action_low, action_high, device, termination)
         self._policy_mode = False
-        # SAC compiled ``actor_step`` under --compile; the freezing below stays outside the
-        # compiled region (its requires_grad / mode switches would make dynamo recompile)
-        compiled = self._actor_step
+        # SAC compiled ``actor_step`` under --compile; the freezing stays outside the compiled
+        # region (its requires_grad / mode switches would make dynamo recompile)
+        self._compiled_actor_step = self._actor_step
+        self._actor_step = self._frozen_actor_step
 
-        def actor_step(obs: torch.Tensor) -> Dict[str, torch.Tensor]:
-            with self.policy_update_mode():
-                return compiled(obs)
-
-        self._actor_step = actor_step
+    def _frozen_actor_step(self, obs: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The trainer's policy step: the (possibly compiled) ``actor_step`` inside
+        :meth:`policy_update_mode`."""
+        with self.policy_update_mode():
+            return self._compiled_actor_step(obs)
 
     def gradient_model(self) -> Optional[torch.nn.Module]:
         """The model the policy gradient flows through (None: the prediction model itself)."""
@@ -53,20 +54,21 @@ class MAAC(MBPO):
         """The state of a policy update: only the policy is differentiated (critic and models
         ``requires_grad_(False)``: no graph through their weights), the models in eval mode (their
         spectral-norm vectors belong to model training) and each network's spectral-norm scales
-        computed once for the whole unroll. Everything is restored on exit; nested entries are
-        no-ops."""
+        computed once for the whole unroll. The flags and modes are restored on exit; nested entries
+        are no-ops."""
         if self._policy_mode:
             yield
             return
         models = [m for m in (self.model, self.gradient_model()) if m is not None]
         frozen = [self.critic] + models
         modes = [m.training for m in models]
-        for m in frozen:
-            m.requires_grad_(False)
-        for m in models:
-            m.eval()
-        self._policy_mode = True
+        flags = [(p, p.requires_grad) for m in frozen for p in m.parameters()]
         try:
+            for m in frozen:
+                m.requires_grad_(False)
+            for m in models:
+                m.eval()
+            self._policy_mode = True
             with contextlib.ExitStack() as stack:
                 for module in [self.policy] + models:
                     net = getattr(module, "net", None)
@@ -75,8 +77,8 @@ class MAAC(MBPO):
                 yield
         finally:
             self._policy_mode = False
-            for m in frozen:
-                m.requires_grad_(True)
+            for p, flag in flags:
+                p.requires_grad_(flag)
             for m, mode in zip(models, modes):
                 m.train(mode)
 
