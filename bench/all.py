@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -77,14 +78,25 @@ def bench_args(name: str, device: str, sizes: str, quick: bool, threads: Optiona
 
 
 def run_bench(name: str, args: List[str], json_path: str, timeout: Optional[float]) -> dict:
-    """Run ``bench/NAME.py ARGS --json JSON_PATH`` in its own process, output streamed."""
+    """Run ``bench/NAME.py ARGS --json JSON_PATH`` in its own process (and process group), output
+    streamed. A result file from an earlier run is removed first, so that a run which fails before
+    writing leaves no stale numbers to be read back; on ``timeout`` the whole process group (the
+    script and its workers) is killed."""
     cmd = [sys.executable, os.path.join(HERE, f"{name}.py")] + args + ["--json", json_path]
+    if os.path.exists(json_path):
+        os.remove(json_path)
     print(f"\n==== {name}: {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, start_new_session=True)
     try:
-        rc = subprocess.run(cmd, timeout=timeout).returncode
+        rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         rc = "timeout"
+    except BaseException:  # Ctrl-C: take the script's process group down too
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     wall = time.perf_counter() - t0
     print(f"==== {name}: exit {rc}, {wall:.0f} s", flush=True)
     return {"bench": name, "exit": rc, "wall_s": wall, "json": json_path}
@@ -167,12 +179,14 @@ def summary(out_dir: str, tag: str) -> str:
     path = lambda name: os.path.join(out_dir, f"{tag}-{name}.json")  # noqa: E731
     unroll, knn, update = (_load(path(n)) for n in ("unroll", "knn", "update"))
     device = next((d["device"] for d in (unroll, knn, update) if d), "no results")
+    if not (unroll or knn or update):
+        return f"no results in {out_dir}/{tag}-{{unroll,knn,update}}.json"
     rows = unroll_rows(unroll) + knn_rows(knn) + update_rows(update)
     head = f"targets (H200) against {device}, from {out_dir}/{tag}-*.json"
     partial = [n for n, d in zip(("unroll", "knn", "update"), (unroll, knn, update)) if d and d.get("complete") is False]
     if partial:
         head += f"\n(partial results: {', '.join(partial)} stopped before its last size)"
-    if tag == "cpu":
+    if device.startswith("cpu"):
         head += "\n(CPU: the torch formulas run, not the GPU kernels; ratios for reference only)"
     return head + "\n" + common.format_table(rows, ["target", "measured", "goal", "verdict", "detail"])
 
@@ -196,10 +210,14 @@ def main(argv=None) -> int:
     unknown = [b for b in only if b not in BENCHES]
     if unknown:
         ap.error(f"--only: unknown {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
+    if args.summary and args.quick:
+        ap.error("--summary reads existing results; --quick runs the scripts into a new temporary folder: give one")
     device = common.pick_device(args.device)
     tag = args.tag or device_tag(device)
     out_dir = args.out or (tempfile.mkdtemp(prefix="fastrp-bench-") if args.quick else os.path.join(HERE, "results"))
     os.makedirs(out_dir, exist_ok=True)
+    if args.quick and not args.out:
+        print(f"--quick: results go to {out_dir} (left there to look at)")
     runs = []
     if not args.summary:
         for name in only:
@@ -208,7 +226,10 @@ def main(argv=None) -> int:
         print("\n" + common.format_table(
             [{"benchmark": r["bench"], "exit": str(r["exit"]), "wall s": f"{r['wall_s']:.0f}", "json": r["json"]} for r in runs],
             ["benchmark", "exit", "wall s", "json"]))
-    print("\n" + summary(out_dir, tag))
+    text = summary(out_dir, tag)
+    print("\n" + text)
+    if args.summary and text.startswith("no results"):
+        return 1
     failed = [r["bench"] for r in runs if r["exit"] != 0]
     if failed:
         print(f"\nfailed: {', '.join(failed)} (see their output above)", file=sys.stderr)

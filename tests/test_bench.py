@@ -131,3 +131,23 @@ def test_unroll_writes_partial_results_after_each_size(tmp_path, monkeypatch):
     out.write_text(json.dumps(data))
     all_ = _bench_module("all")
     assert "partial results: unroll" in all_.summary(str(tmp_path), "x")
+
+
+def test_all_drops_stale_results_and_stops_a_script_at_its_timeout(tmp_path, monkeypatch):
+    """A result file from an earlier run is removed before its script runs (a failed run leaves no
+    stale numbers behind), --timeout kills the script, --summary without results exits 1."""
+    import time
+
+    all_ = _bench_module("all")
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "unroll.py").write_text("import time\ntime.sleep(120)\n")
+    monkeypatch.setattr(all_, "HERE", str(scripts))
+    stale = tmp_path / "x-unroll.json"
+    stale.write_text("{}")
+    t0 = time.perf_counter()
+    run = all_.run_bench("unroll", [], str(stale), timeout=1.0)
+    assert run["exit"] == "timeout" and time.perf_counter() - t0 < 60 and not stale.exists()
+    assert all_.main(["--summary", "--out", str(tmp_path / "empty"), "--tag", "x"]) == 1
+    with pytest.raises(SystemExit):
+        all_.main(["--summary", "--quick"])
