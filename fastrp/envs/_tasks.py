@@ -18,6 +18,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+
 @contextlib.contextmanager
 def _quiet_settotalmass():
     """Drop MuJoCo's (>= 4.0) warning that the ``settotalmass`` compiler attribute is deprecated.
