@@ -3,7 +3,8 @@ averaging, device-side metric accumulation and optional compilation of update cl
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+import contextlib
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -131,3 +132,32 @@ def finite_module(*modules: Optional[torch.nn.Module]) -> bool:
         checks += [torch.isfinite(p).all() for p in m.parameters()]
         checks += [~torch.isnan(b).any() for b in m.buffers() if b.is_floating_point()]
     return bool(torch.stack(checks).all()) if checks else True
+
+
+@contextlib.contextmanager
+def frozen_modules(modules: Iterable[Optional[torch.nn.Module]],
+                   trainable: Optional[torch.nn.Module] = None) -> Iterator[None]:
+    """Put every module (None entries are skipped) in ``eval()`` mode and ``requires_grad_(False)``,
+    except ``trainable`` whose parameters are set to require grad (it is also put in ``eval()``);
+    on exit every module's training flag and every parameter's ``requires_grad`` are restored to
+    what they were, even after an exception.
+
+    Eval mode matters: a spectrally normalised module updates its power-iteration vectors on
+    every training-mode forward, so measuring in training mode would change the trained model.
+    """
+    mods = [m for m in modules if m is not None]
+    if trainable is not None and all(m is not trainable for m in mods):
+        mods.append(trainable)
+    saved_modes = [(m, [sub.training for sub in m.modules()]) for m in mods]
+    saved_flags = [(p, p.requires_grad) for m in mods for p in m.parameters()]
+    try:
+        for m in mods:
+            m.eval()
+            m.requires_grad_(m is trainable)
+        yield
+    finally:
+        for p, flag in saved_flags:
+            p.requires_grad_(flag)
+        for m, modes in saved_modes:
+            for sub, mode in zip(m.modules(), modes):
+                sub.training = mode

@@ -18,6 +18,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
+from fastrp.algos.common import frozen_modules
 from fastrp.algos.mbpo import MBPO
 from fastrp.rl.buffer import ReplayBuffer
 from fastrp.rl.unroll import imagined_objective
@@ -52,24 +53,17 @@ class MAAC(MBPO):
     @contextlib.contextmanager
     def policy_update_mode(self) -> Iterator[None]:
         """The state of a policy update: only the policy is differentiated (critic and models
-        ``requires_grad_(False)``: no graph through their weights), the models in eval mode (their
-        spectral-norm vectors belong to model training) and each network's spectral-norm scales
-        computed once for the whole unroll. The flags and modes are restored on exit; nested entries
-        are no-ops."""
+        frozen by :func:`~fastrp.algos.common.frozen_modules`: no graph through their weights, eval
+        mode, as the models' spectral-norm vectors belong to model training) and each network's
+        spectral-norm scales computed once for the whole unroll. Flags and modes are restored on
+        exit; nested entries are no-ops."""
         if self._policy_mode:
             yield
             return
         models = [m for m in (self.model, self.gradient_model()) if m is not None]
-        frozen = [self.critic] + models
-        modes = [m.training for m in models]
-        flags = [(p, p.requires_grad) for m in frozen for p in m.parameters()]
         try:
-            for m in frozen:
-                m.requires_grad_(False)
-            for m in models:
-                m.eval()
-            self._policy_mode = True
-            with contextlib.ExitStack() as stack:
+            with frozen_modules([self.critic] + models), contextlib.ExitStack() as stack:
+                self._policy_mode = True
                 for module in [self.policy] + models:
                     net = getattr(module, "net", None)
                     if hasattr(net, "cached_scales"):
@@ -77,10 +71,6 @@ class MAAC(MBPO):
                 yield
         finally:
             self._policy_mode = False
-            for p, flag in flags:
-                p.requires_grad_(flag)
-            for m, mode in zip(models, modes):
-                m.train(mode)
 
     def actor_objective(self, obs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
         with self.policy_update_mode():

@@ -17,16 +17,18 @@ the start states are the states the training unroll starts from (see
 :func:`gradient_covariance_trace` is the estimator on its own (any ``sample -> flat gradient``
 function), :func:`rp_gradient_stats` applies it to a policy, model and critic (and
 :func:`rp_gradient_variance` turns that into table rows), and
-:func:`frozen_modules` is the context that makes all of this invisible to a training run.
+:func:`frozen_modules` (:mod:`fastrp.algos.common`, the same context the trainer's policy update uses) makes
+all of this invisible to a training run.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+import inspect
+from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 
+from fastrp.algos.common import frozen_modules
 from fastrp.rl.unroll import imagined_objective
 
 __all__ = ["GradientStats", "flat_gradient", "gradient_covariance_trace", "rp_gradient_stats", "rp_gradient_variance",
@@ -97,35 +99,6 @@ def gradient_covariance_trace(sample_grad_fn: Callable[[int], torch.Tensor], num
         norm_sum += float(torch.linalg.vector_norm(g))
     trace = float(m2.sum()) / (num_samples - 1)
     return GradientStats(trace, norm_sum / num_samples, mean, num_samples)
-
-
-@contextlib.contextmanager
-def frozen_modules(modules: Iterable[Optional[torch.nn.Module]],
-                   trainable: Optional[torch.nn.Module] = None) -> Iterator[None]:
-    """Put every module (None entries are skipped) in ``eval()`` mode and ``requires_grad_(False)``,
-    except ``trainable`` whose parameters are set to require grad (it is also put in ``eval()``);
-    on exit every module's training flag and every parameter's ``requires_grad`` are restored to
-    what they were, even after an exception.
-
-    Eval mode matters: a spectrally normalised module updates its power-iteration vectors on
-    every training-mode forward, so measuring in training mode would change the trained model.
-    """
-    mods = [m for m in modules if m is not None]
-    if trainable is not None and all(m is not trainable for m in mods):
-        mods.append(trainable)
-    saved_modes = [(m, [sub.training for sub in m.modules()]) for m in mods]
-    saved_flags = [(p, p.requires_grad) for m in mods for p in m.parameters()]
-    try:
-        for m in mods:
-            m.eval()
-            m.requires_grad_(m is trainable)
-        yield
-    finally:
-        for p, flag in saved_flags:
-            p.requires_grad_(flag)
-        for m, modes in saved_modes:
-            for sub, mode in zip(m.modules(), modes):
-                sub.training = mode
 
 
 def rp_gradient_stats(
@@ -212,28 +185,14 @@ def rp_gradient_stats(
     return out
 
 
-def rp_gradient_variance(
-    policy: torch.nn.Module,
-    model,
-    critic,
-    start_states: torch.Tensor,
-    horizons: Sequence[int],
-    *,
-    gamma: float,
-    alpha,
-    termination_fn,
-    grad_model=None,
-    num_samples: int = 16,
-    batch_size: int = 64,
-    seed: int = 0,
-) -> List[Dict[str, float]]:
+def rp_gradient_variance(*args, **kwargs) -> List[Dict[str, float]]:
     """:func:`rp_gradient_stats` as table rows (what the training hook and the CLI record).
 
-    Same arguments and the same samples as :func:`rp_gradient_stats`. Returns one dict per H, in
-    order: ``{"horizon", "trace_cov", "mean_grad_norm", "samples", "batch"}``.
+    Takes exactly the arguments of :func:`rp_gradient_stats` and draws the same samples. Returns
+    one dict per H, in order: ``{"horizon", "trace_cov", "mean_grad_norm", "samples", "batch"}``.
     """
-    stats = rp_gradient_stats(policy, model, critic, start_states, horizons, gamma=gamma, alpha=alpha,
-                              termination_fn=termination_fn, grad_model=grad_model, num_samples=num_samples,
-                              batch_size=batch_size, seed=seed)
+    bound = inspect.signature(rp_gradient_stats).bind(*args, **kwargs)
+    bound.apply_defaults()
+    batch_size = bound.arguments["batch_size"]
     return [{"horizon": h, "trace_cov": s.trace_cov, "mean_grad_norm": s.mean_grad_norm, "samples": s.num_samples,
-             "batch": batch_size} for h, s in stats]
+             "batch": batch_size} for h, s in rp_gradient_stats(*args, **kwargs)]
