@@ -19,7 +19,7 @@ from fastrp.envs import (
     make_single,
     termination_fn,
 )
-from fastrp.envs._physics import has_batch
+from fastrp.envs._physics import has_batch, mujoco_warnings
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*settotalmass.*")
 
@@ -28,6 +28,13 @@ FULL_OBS_DIMS = {"Ant": 105, "Humanoid": 348}
 TERMINATING = ("InvertedPendulum", "Hopper", "Walker2d", "Ant", "Humanoid")
 PHYSICS = ["batch", "loop"] if has_batch() else ["loop"]
 CASES = [(name, False) for name in ENV_NAMES] + [("Ant", True), ("Humanoid", True)]
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_dir(tmp_path, monkeypatch):
+    """gymnasium's own reference envs leave MuJoCo's default warning handler in place, which appends
+    to MUJOCO_LOG.TXT in the working directory: keep that file out of the checkout."""
+    monkeypatch.chdir(tmp_path)
 
 
 def gym_envs(env: MujocoVectorEnv, n: int, **kwargs):
@@ -85,9 +92,7 @@ def test_make_drops_only_the_settotalmass_warning(capfd):
     out, err = capfd.readouterr()
     assert "settotalmass" not in out + err
     assert mujoco.get_mju_user_warning() is before
-    from fastrp.envs._tasks import _quiet_settotalmass
-
-    with _quiet_settotalmass(), pytest.warns(RuntimeWarning, match="MuJoCo: other"):
+    with mujoco_warnings(), pytest.warns(RuntimeWarning, match="MuJoCo: other"):
         mujoco.get_mju_user_warning()("other warning")
 
 
@@ -122,6 +127,42 @@ def test_make_errors():
         dynamics_jacobians(env, np.zeros((1, 3)))
     with pytest.raises(ValueError, match="unknown environment"):
         termination_fn("Pendulum")
+
+
+@pytest.mark.parametrize("physics", PHYSICS)
+def test_mujoco_warnings_become_python_warnings_not_a_log_file(physics, tmp_path, monkeypatch):
+    """MuJoCo's default warning handler appends to MUJOCO_LOG.TXT in the working directory; the
+    env's MuJoCo calls route its warnings to Python instead (or to the user's own handler) and
+    leave the handler as it was."""
+    monkeypatch.chdir(tmp_path)
+    before = mujoco.get_mju_user_warning()
+    env = make("HalfCheetah", 2, seed=0, physics=physics)
+    env.reset()
+    nan_action = np.zeros((2, 6))
+    nan_action[1, 0] = np.nan
+    with pytest.warns(RuntimeWarning, match="MuJoCo: Nan, Inf or huge value in CTRL"):
+        env.step(nan_action)
+    qvel = env.qvel
+    qvel[0] = 1e10  # accepted by set_state, too fast for the integrator
+    env.set_state(env.qpos, qvel)
+    with pytest.warns(RuntimeWarning, match="MuJoCo: Nan, Inf or huge value in QACC"):
+        env.step(np.zeros((2, 6)))
+    states = env.get_state()
+    states[:, 1 + env.model.nq] = 1e10  # time, qpos, then qvel
+    with pytest.warns(RuntimeWarning, match="MuJoCo: Nan, Inf or huge value in Q"):
+        dynamics_jacobians(env, np.zeros((2, 6)), states=states)
+    assert mujoco.get_mju_user_warning() is before
+    assert list(tmp_path.iterdir()) == []
+    received = []
+    env = make("HalfCheetah", 2, seed=0, physics=physics)  # MuJoCo warns once per simulation until a reset
+    env.reset()
+    mujoco.set_mju_user_warning(received.append)
+    try:
+        env.step(nan_action)
+    finally:
+        mujoco.set_mju_user_warning(before)
+    assert any("CTRL" in message for message in received)
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---- equality with gymnasium -------------------------------------------------------------------

@@ -14,13 +14,57 @@ simulation after the threaded step -- a few microseconds each.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import warnings
 from typing import Dict, Optional, Sequence
 
 import mujoco
 import numpy as np
 
 STATE_SPEC = mujoco.mjtState.mjSTATE_INTEGRATION
+
+
+@contextlib.contextmanager
+def mujoco_warnings():
+    """Send MuJoCo's warnings to Python while inside, instead of MuJoCo's default handler (which
+    prints them and appends them to ``MUJOCO_LOG.TXT`` in the current working directory).
+
+    Each warning becomes a ``RuntimeWarning("MuJoCo: <message>")``, or goes to the handler the
+    caller had installed (``mujoco.set_mju_user_warning``), which is restored on exit.  MuJoCo's
+    (>= 4.0) notice that the ``settotalmass`` compiler attribute is deprecated is dropped: gymnasium's
+    own XML files carry it, so it would come with every env construction and nobody using the env can
+    act on it.  The handler may run on ``mujoco.batch`` worker threads (it takes the GIL)."""
+    if not hasattr(mujoco, "set_mju_user_warning"):
+        yield
+        return
+    previous = mujoco.get_mju_user_warning()
+
+    def handler(message: str) -> None:
+        if "settotalmass" in message:
+            return
+        if previous is not None:
+            previous(message)
+        else:
+            warnings.warn(f"MuJoCo: {message}", RuntimeWarning, stacklevel=2)
+
+    mujoco.set_mju_user_warning(handler)
+    try:
+        yield
+    finally:
+        mujoco.set_mju_user_warning(previous)
+
+
+def _with_mujoco_warnings(method):
+    """Run ``method`` inside :func:`mujoco_warnings` (for every call that runs MuJoCo)."""
+
+    @functools.wraps(method)
+    def wrapped(*args, **kwargs):
+        with mujoco_warnings():
+            return method(*args, **kwargs)
+
+    return wrapped
 
 
 def has_batch() -> bool:
@@ -71,6 +115,7 @@ class BatchPhysics:
             out["cfrc_ext"] = self._cfrc_ext
         return out
 
+    @_with_mujoco_warnings
     def step(self, ctrl: np.ndarray, nstep: int) -> None:
         """Set every simulation's ``ctrl`` and advance it ``nstep`` substeps (``mj_step``)."""
         self.ctrl[:] = ctrl
@@ -82,6 +127,7 @@ class BatchPhysics:
                 mujoco.mj_rnePostConstraint(self.model, data)
                 self._cfrc_ext[i] = data.cfrc_ext
 
+    @_with_mujoco_warnings
     def reset(self, ids: np.ndarray, qpos: np.ndarray, qvel: np.ndarray) -> None:
         """``mj_resetData``, then ``qpos``/``qvel`` rows for sorted ``ids``, then ``mj_forward``."""
         self._batch.reset(ids, stage=mujoco.mjtStage.mjSTAGE_NONE)
@@ -89,6 +135,7 @@ class BatchPhysics:
         if self._cfrc_ext is not None:
             self._cfrc_ext[ids] = 0.0
 
+    @_with_mujoco_warnings
     def set_qpos_qvel(self, ids: np.ndarray, qpos: np.ndarray, qvel: np.ndarray) -> None:
         """Write ``qpos``/``qvel`` of sorted ``ids`` and run ``mj_forward`` on them."""
         self.qpos[ids] = qpos
@@ -131,6 +178,7 @@ class LoopPhysics:
     def derived(self) -> Dict[str, np.ndarray]:
         return self._fields
 
+    @_with_mujoco_warnings
     def step(self, ctrl: np.ndarray, nstep: int) -> None:
         for i, d in enumerate(self._datas):
             d.ctrl[:] = ctrl[i]
@@ -139,11 +187,13 @@ class LoopPhysics:
                 mujoco.mj_rnePostConstraint(self.model, d)
         self._refresh()
 
+    @_with_mujoco_warnings
     def reset(self, ids: np.ndarray, qpos: np.ndarray, qvel: np.ndarray) -> None:
         for i in ids:
             mujoco.mj_resetData(self.model, self._datas[i])
         self.set_qpos_qvel(ids, qpos, qvel)
 
+    @_with_mujoco_warnings
     def set_qpos_qvel(self, ids: np.ndarray, qpos: np.ndarray, qvel: np.ndarray) -> None:
         for k, i in enumerate(ids):
             d = self._datas[i]
@@ -158,6 +208,7 @@ class LoopPhysics:
             mujoco.mj_getState(self.model, d, rows[i], STATE_SPEC)
         return rows
 
+    @_with_mujoco_warnings
     def set_state(self, rows: np.ndarray) -> None:
         for i, d in enumerate(self._datas):
             mujoco.mj_setState(self.model, d, np.ascontiguousarray(rows[i]), STATE_SPEC)

@@ -10,43 +10,13 @@ accepts changes fastrp's maps the same way.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-
-@contextlib.contextmanager
-def _quiet_settotalmass():
-    """Drop MuJoCo's (>= 4.0) warning that the ``settotalmass`` compiler attribute is deprecated.
-
-    gymnasium's own XML files (HalfCheetah, ...) carry that attribute, so MuJoCo prints the warning
-    on every env construction (each training evaluation, each test) and nobody using the env can act
-    on it. Every other MuJoCo warning raised meanwhile goes to the previous handler, or to Python's
-    ``warnings`` when there was none (MuJoCo's default prints it)."""
-    import mujoco
-
-    if not hasattr(mujoco, "set_mju_user_warning"):
-        yield
-        return
-    previous = mujoco.get_mju_user_warning()
-
-    def handler(message: str) -> None:
-        if "settotalmass" in message:
-            return
-        if previous is not None:
-            previous(message)
-        else:
-            warnings.warn(f"MuJoCo: {message}", RuntimeWarning, stacklevel=2)
-
-    mujoco.set_mju_user_warning(handler)
-    try:
-        yield
-    finally:
-        mujoco.set_mju_user_warning(previous)
+from ._physics import mujoco_warnings
 
 
 # short name -> (gymnasium id, kwargs that select MBPO's truncated observation)
@@ -164,7 +134,7 @@ class Task:
         env_id = TASKS[short][0]
         resolved = task_kwargs(short, full_obs, **kwargs)
         try:
-            with _quiet_settotalmass():
+            with mujoco_warnings():
                 env = gymnasium.make(env_id, **resolved)
         except TypeError as exc:  # gymnasium rejects a value
             raise ValueError(f"kwargs: {exc}") from exc
