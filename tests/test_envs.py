@@ -372,6 +372,51 @@ def test_termination_fn_follows_kwargs(name, kwargs):
         np.testing.assert_array_equal(pred.numpy(), tr.terminated)
 
 
+@pytest.mark.parametrize("name,kwargs,width", [
+    ("InvertedPendulum", {}, 4), ("Hopper", {}, 11), ("HalfCheetah", {}, 17), ("Ant", {}, 27),
+    ("Ant", {"full_obs": True}, 105), ("Humanoid", {}, 45),
+    ("Hopper", {"exclude_current_positions_from_observation": False}, 12),
+    ("Walker2d", {"terminate_when_unhealthy": False}, 17),
+])
+def test_termination_fn_rejects_wrong_observation_width(name, kwargs, width):
+    """An observation of another width (another task, or another observation switch) is an error
+    naming the argument and the width, not a silently wrong column."""
+    fn = termination_fn(name, **kwargs)
+    act = torch.zeros(5, 3)
+    good = torch.zeros(5, width)
+    assert fn(good, act, good).shape == (5,)
+    for bad in (width - 1, width + 1):
+        with pytest.raises(ValueError, match=rf"^next_obs: expected shape \[\.\.\., {width}\] \({name} ") as info:
+            fn(good, act, torch.zeros(5, bad))
+        assert "\n" not in str(info.value)
+        with pytest.raises(ValueError, match=rf"^obs: expected shape \[\.\.\., {width}\]"):
+            fn(torch.zeros(5, bad), act, good)
+    with pytest.raises(ValueError, match=r"^obs: expected shape .*got \[\]"):
+        fn(torch.zeros(()), act, good)
+
+
+def test_termination_fn_compiles_into_one_graph():
+    """The width check reads static shapes only: each function traces into a single graph
+    (fullgraph=True refuses a host sync or a branch on tensor values) and equals eager; compiled
+    without fullgraph, a wrong width still raises the ValueError."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    try:
+        for name in ("Hopper", "Ant", "HalfCheetah", "InvertedPendulum"):
+            fn = termination_fn(name)
+            obs = torch.randn(64, OBS_DIMS[name], generator=torch.Generator().manual_seed(0))
+            obs[:, 0] += 1.25
+            act = torch.zeros(64, 3)
+            compiled = torch.compile(fn, backend="eager", fullgraph=True)
+            torch.testing.assert_close(compiled(obs, act, obs), fn(obs, act, obs))
+        loose = torch.compile(termination_fn("Hopper"), backend="eager")
+        with pytest.raises(ValueError, match="^next_obs: expected shape"):
+            loose(torch.zeros(4, 11), torch.zeros(4, 3), torch.zeros(4, 12))
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.cuda
 def test_termination_fn_cuda():
     fn = termination_fn("Hopper")

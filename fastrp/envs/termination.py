@@ -4,7 +4,10 @@
 ``obs [..., obs_dim]``, ``action [..., act_dim]``, ``next_obs [..., obs_dim]`` tensors on any device
 and of any float dtype; the result is a bool tensor ``[...]`` on the same device.  Only
 ``next_obs`` decides (the v5 envs judge the state the step reached); ``obs`` and ``action`` are
-accepted so that every task has the same signature.
+accepted so that every task has the same signature.  An ``obs`` or ``next_obs`` whose last
+dimension is not the task's observation width raises ``ValueError``: a check of static shapes
+only (no device sync, no branch on values), so the function stays ``torch.compile``-able with
+``fullgraph=True``.
 
 Each function is the v5 env's ``terminated`` written on observations, with the same (strict or
 inclusive) comparisons and the parameters the env would use for the same kwargs
@@ -16,11 +19,12 @@ Hopper the velocities beyond the observation's clip at +-10 (Hopper's ``healthy_
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
 
-from ._tasks import SKIPPED_QPOS, resolve_name, task_params
+from ._tasks import SKIPPED_QPOS, Task, resolve_name, task_params
 
 TerminationFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -38,11 +42,30 @@ def _never(obs: torch.Tensor, action: torch.Tensor, next_obs: torch.Tensor) -> t
     return torch.zeros(next_obs.shape[:-1], dtype=torch.bool, device=next_obs.device)
 
 
+def _width_checked(fn: TerminationFn, obs_dim: int, task: str) -> TerminationFn:
+    """``fn`` behind a check of the observations' last dimension (shapes only: compile-friendly)."""
+
+    @functools.wraps(fn)
+    def terminated(obs: torch.Tensor, action: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
+        for arg, x in (("obs", obs), ("next_obs", next_obs)):
+            if x.dim() == 0 or x.shape[-1] != obs_dim:
+                raise ValueError(f"{arg}: expected shape [..., {obs_dim}] ({task} observations), "
+                                 f"got {list(x.shape)}")
+        return fn(obs, action, next_obs)
+
+    return terminated
+
+
 def termination_fn(name: str, full_obs: bool = False, **kwargs) -> TerminationFn:
     """The torch termination function of task ``name`` (short name or gymnasium id) configured
     like ``make(name, full_obs=full_obs, **kwargs)``; see the module docstring for its contract."""
     short = resolve_name(name)
-    params = task_params(short, full_obs, **kwargs)
+    obs_dim = int(Task.build(short, full_obs, **kwargs).observation_space.shape[0])
+    return _width_checked(_termination(short, task_params(short, full_obs, **kwargs)), obs_dim, short)
+
+
+def _termination(short: str, params: dict) -> TerminationFn:
+    """The unchecked termination function of task ``short`` with constructor parameters ``params``."""
     if short == "HalfCheetah" or (short != "InvertedPendulum" and not params["terminate_when_unhealthy"]):
         return _never
 
