@@ -129,6 +129,55 @@ def test_make_errors():
         termination_fn("Pendulum")
 
 
+@pytest.mark.parametrize("name,kwargs,match", [
+    ("HalfCheetah", {"ctrl_cost_weight": "abc"}, "ctrl_cost_weight: expected a finite float"),
+    ("HalfCheetah", {"ctrl_cost_weight": float("nan")}, "ctrl_cost_weight: expected a finite float"),
+    ("Hopper", {"healthy_reward": float("inf")}, "healthy_reward: expected a finite float"),
+    ("Hopper", {"forward_reward_weight": True}, "forward_reward_weight: expected a finite float"),
+    ("Hopper", {"terminate_when_unhealthy": "no"}, "terminate_when_unhealthy: expected a bool"),
+    ("Hopper", {"healthy_z_range": 0.7}, r"healthy_z_range: expected a \(low, high\) pair"),
+    ("Hopper", {"healthy_z_range": (0.7,)}, r"healthy_z_range: expected a \(low, high\) pair"),
+    ("Hopper", {"healthy_z_range": (2.0, 1.0)}, "healthy_z_range: .*low <= high"),
+    ("Hopper", {"healthy_z_range": (float("nan"), 1.0)}, "healthy_z_range: .*not NaN"),
+    ("Walker2d", {"frame_skip": 0}, "frame_skip: expected a positive int"),
+    ("Walker2d", {"frame_skip": 2.5}, "frame_skip: expected a positive int"),
+    ("Ant", {"main_body": 1.0}, "main_body: expected an int index or a str name"),
+    ("Ant", {"main_body": "nobody"}, "main_body: expected a body name or index"),
+    ("InvertedPendulum", {"xml_file": "no_such_model.xml"}, "xml_file: expected an existing MuJoCo XML file"),
+    ("Humanoid", {"full_obs": "yes"}, "full_obs: expected a bool"),
+])
+def test_make_rejects_bad_task_kwarg_values(name, kwargs, match):
+    """Values gymnasium's constructor takes and then fails on (in numpy, at the first step) or
+    misreads are refused by make and by termination_fn, in one line naming the argument."""
+    with pytest.raises(ValueError, match=match) as info:
+        make(name, **kwargs)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match=match):
+        termination_fn(name, **kwargs)
+
+
+def test_make_accepts_task_kwargs_gymnasium_accepts():
+    """numpy scalars, an int for a float and infinite range ends (as in gymnasium's own defaults)
+    pass, and act exactly as in gymnasium."""
+    kwargs = {"ctrl_cost_weight": np.float32(0.01), "forward_reward_weight": 2,
+              "healthy_z_range": (0.5, float("inf")), "terminate_when_unhealthy": np.bool_(True)}
+    env = make("Hopper", 1, seed=0, **kwargs)
+    ref = gymnasium.make("Hopper-v5", **kwargs)
+    np.testing.assert_array_equal(env.reset()[0][0], ref.reset(seed=0)[0])
+    a = np.full((1, 3), 0.5, dtype=np.float32)
+    _, reward, _, _, info = env.step(a)
+    r_obs, r_reward, _, _, _ = ref.step(a[0])
+    np.testing.assert_array_equal(info["next_obs"][0], r_obs)
+    assert_reward_equal(reward[0], r_reward)
+    assert make("Ant", main_body="torso").obs_dim == OBS_DIMS["Ant"]
+
+
+@pytest.mark.parametrize("num_threads", [0, 1.5, "2", True])
+def test_make_rejects_bad_num_threads(num_threads):
+    with pytest.raises(ValueError, match="num_threads: expected None or a positive int"):
+        make("Hopper", 2, num_threads=num_threads)
+
+
 @pytest.mark.parametrize("physics", PHYSICS)
 def test_mujoco_warnings_become_python_warnings_not_a_log_file(physics, tmp_path, monkeypatch):
     """MuJoCo's default warning handler appends to MUJOCO_LOG.TXT in the working directory; the

@@ -223,9 +223,11 @@ def make_physics(model, nsim: int, nthread: Optional[int] = None, fields: Sequen
         raise ValueError(f"physics: expected None, 'batch' or 'loop', got {backend!r}")
     if backend == "batch" and not has_batch():
         raise ValueError("physics='batch' needs mujoco>=4.0 (mujoco.batch); this is mujoco " + mujoco.__version__)
-    nthread = default_threads(nsim) if nthread is None else int(nthread)
-    if nthread < 1:
-        raise ValueError(f"num_threads: expected a positive int, got {nthread}")
+    if nthread is None:
+        nthread = default_threads(nsim)
+    elif not isinstance(nthread, (int, np.integer)) or isinstance(nthread, (bool, np.bool_)) or nthread < 1:
+        raise ValueError(f"num_threads: expected None or a positive int, got {nthread!r}")
+    nthread = int(nthread)
     if backend == "loop" or (backend is None and not has_batch()):
         return LoopPhysics(model, nsim, nthread, fields, cfrc_ext)
     return BatchPhysics(model, nsim, nthread, fields, cfrc_ext)

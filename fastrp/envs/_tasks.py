@@ -11,6 +11,10 @@ accepts changes fastrp's maps the same way.
 from __future__ import annotations
 
 import inspect
+import numbers
+import os
+import types
+import typing
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -75,18 +79,94 @@ def env_class(name: str):
     return getattr(__import__(module, fromlist=[cls]), cls)
 
 
+def _constructor_params(name: str) -> Dict[str, inspect.Parameter]:
+    """The gymnasium constructor's parameters of a task that fastrp models (rendering left out),
+    with their annotations evaluated where gymnasium writes them as strings."""
+    init = env_class(name).__init__
+    try:
+        signature = inspect.signature(init, eval_str=True)
+    except Exception:  # an annotation this Python cannot evaluate: defaults still give the types
+        signature = inspect.signature(init)
+    return {p.name: p for p in signature.parameters.values()
+            if p.name not in ("self", "kwargs") and p.name not in _RENDER_KWARGS}
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def _kind(param: inspect.Parameter) -> Optional[str]:
+    """What a constructor parameter takes: from its annotation, else from its default's type."""
+    ann, default = param.annotation, param.default
+    if ann is inspect.Parameter.empty or isinstance(ann, str):  # no usable annotation
+        # an int default may stand for a float (Ant's forward_reward_weight) or a name (main_body)
+        for kind, name in ((bool, "bool"), (float, "float"), (str, "str"), (tuple, "range")):
+            if isinstance(default, kind):
+                return name
+        return None
+    if typing.get_origin(ann) is tuple:
+        return "range"
+    if typing.get_origin(ann) in (typing.Union, types.UnionType) and set(typing.get_args(ann)) == {int, str}:
+        return "index or name"
+    if ann in (bool, int, float, str):
+        return ann.__name__
+    return None
+
+
+_EXPECTED = {
+    "bool": "a bool",
+    "int": "a positive int",
+    "float": "a finite float",
+    "str": "a path (str)",
+    "index or name": "an int index or a str name",
+    "range": "a (low, high) pair of floats, not NaN, with low <= high",
+}
+
+
+def _valid(kind: Optional[str], value) -> bool:
+    if kind == "bool":
+        return isinstance(value, (bool, np.bool_))
+    if kind == "int":
+        return _is_int(value) and value >= 1
+    if kind == "float":
+        return _is_real(value) and bool(np.isfinite(value))
+    if kind == "str":
+        return isinstance(value, (str, os.PathLike))
+    if kind == "index or name":
+        return _is_int(value) or isinstance(value, str)
+    if kind == "range":
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+            return False
+        low, high = value[0], value[1]
+        return _is_real(low) and _is_real(high) and bool(low <= high)  # False for NaN
+    return True
+
+
 def task_kwargs(name: str, full_obs: bool = False, **kwargs) -> Dict[str, object]:
     """Keyword arguments for the gymnasium constructor: MBPO's truncation unless ``full_obs``,
-    then the caller's ``kwargs`` (which always win). Unknown or rendering kwargs raise ValueError."""
+    then the caller's ``kwargs`` (which always win).
+
+    Unknown or rendering kwargs, and values of the wrong type for the gymnasium constructor's
+    parameter (judged by its annotation and default: a finite float for weights, a bool for
+    switches, a ``(low, high)`` pair for ranges, where +-inf is allowed, ...) raise ValueError."""
     short = resolve_name(name)
-    accepted = set(inspect.signature(env_class(short).__init__).parameters) - {"self", "kwargs"}
-    accepted -= _RENDER_KWARGS
-    unknown = sorted(set(kwargs) - accepted)
+    if not isinstance(full_obs, (bool, np.bool_)):
+        raise ValueError(f"full_obs: expected a bool, got {full_obs!r}")
+    params = _constructor_params(short)
+    unknown = sorted(set(kwargs) - set(params))
     if unknown:
         raise ValueError(
             f"kwargs: {', '.join(unknown)} not accepted by {TASKS[short][0]}; "
-            f"expected some of {', '.join(sorted(accepted))}"
+            f"expected some of {', '.join(sorted(params))}"
         )
+    for key, value in kwargs.items():
+        kind = _kind(params[key])
+        if not _valid(kind, value):
+            raise ValueError(f"{key}: expected {_EXPECTED[kind]} ({TASKS[short][0]}), got {value!r}")
     out = {} if full_obs else dict(TASKS[short][1])
     out.update(kwargs)
     return out
@@ -95,11 +175,8 @@ def task_kwargs(name: str, full_obs: bool = False, **kwargs) -> Dict[str, object
 def task_params(name: str, full_obs: bool = False, **kwargs) -> Dict[str, object]:
     """All constructor parameters of a task (gymnasium defaults, then MBPO truncation, then kwargs)."""
     short = resolve_name(name)
-    params = {
-        p.name: p.default
-        for p in inspect.signature(env_class(short).__init__).parameters.values()
-        if p.default is not inspect.Parameter.empty
-    }
+    params = {p.name: p.default for p in _constructor_params(short).values()
+              if p.default is not inspect.Parameter.empty}
     params.update(task_kwargs(short, full_obs, **kwargs))
     return params
 
@@ -138,7 +215,16 @@ class Task:
                 env = gymnasium.make(env_id, **resolved)
         except TypeError as exc:  # gymnasium rejects a value
             raise ValueError(f"kwargs: {exc}") from exc
+        except OSError as exc:  # gymnasium's MujocoEnv: the XML file does not exist
+            raise ValueError(f"xml_file: expected an existing MuJoCo XML file, got {resolved.get('xml_file')!r} "
+                             f"({exc})") from exc
         raw = env.unwrapped
+        if short == "Ant":  # gymnasium looks the body up only when stepping
+            try:
+                raw.model.body(raw._main_body)
+            except (KeyError, IndexError) as exc:
+                raise ValueError(f"main_body: expected a body name or index of the model "
+                                 f"(0 to {raw.model.nbody - 1}), got {raw._main_body!r}") from exc
         return cls(
             name=short,
             env_id=env_id,
