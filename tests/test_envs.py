@@ -361,6 +361,35 @@ def test_seeding_is_reproducible():
     env.reset(options={"reset_mask": np.array([False, True, False])})
 
 
+@pytest.mark.parametrize("seed", [-1, 1.5, "3", True, np.float64(2.0), [0, -1, 2], [0, 1.5, 2], [0, 1], "abc"])
+def test_reset_rejects_bad_seeds(seed):
+    """A seed that is not None, a non-negative int or a list of one per env is refused in one line
+    naming it (gymnasium's seeding would raise its own error type, or list() a TypeError), and
+    nothing is reset."""
+    env = make("Hopper", 3, seed=0)
+    env.reset()
+    env.step(np.full((3, 3), 0.1))
+    obs = env.obs
+    with pytest.raises(ValueError, match=r"^seed(\[\d\])?: expected") as info:
+        env.reset(seed=seed)
+    assert "\n" not in str(info.value)
+    np.testing.assert_array_equal(env.obs, obs)
+    with pytest.raises(ValueError, match=r"^seed: expected"):
+        make_single("Hopper").reset(seed=seed)
+    if not isinstance(seed, list):
+        with pytest.raises(ValueError, match=r"^seed: expected"):
+            make("Hopper", 3, seed=seed)
+
+
+def test_reset_accepts_numpy_integer_seeds():
+    env = make("Walker2d", 3)
+    ref, _ = env.reset(seed=4)
+    for seed in (np.int64(4), np.uint32(4), np.array([4, 5, 6]), [np.int32(4), 5, np.uint8(6)], (4, 5, 6)):
+        np.testing.assert_array_equal(env.reset(seed=seed)[0], ref)
+    np.testing.assert_array_equal(make("Walker2d", 3, seed=np.int64(4)).reset()[0], ref)
+    np.testing.assert_array_equal(make_single("Walker2d").reset(seed=np.int16(4))[0], ref[0])
+    obs, _ = env.reset(seed=[None, 5, 6])  # None: fresh entropy for that env
+    np.testing.assert_array_equal(obs[1:], ref[1:])
 # ---- termination functions ---------------------------------------------------------------------
 @pytest.mark.parametrize("name", ENV_NAMES)
 def test_termination_fn_matches_env(name):

@@ -80,6 +80,15 @@ def _rows(x, n: int, width: int, name: str) -> np.ndarray:
     return arr
 
 
+def _check_seed(seed, name: str = "seed") -> Optional[int]:
+    """``seed`` as None or a Python int; ValueError unless it is None or a non-negative int."""
+    if seed is None:
+        return None
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)) or seed < 0:
+        raise ValueError(f"{name}: expected None or a non-negative int, got {seed!r}")
+    return int(seed)
+
+
 class MujocoVectorEnv(VectorEnv):
     """``num_envs`` copies of a MuJoCo v5 task stepped together on MuJoCo's C++ thread pool.
 
@@ -117,8 +126,7 @@ class MujocoVectorEnv(VectorEnv):
     ):
         if not isinstance(num_envs, (int, np.integer)) or isinstance(num_envs, bool) or num_envs < 1:
             raise ValueError(f"num_envs: expected a positive int, got {num_envs!r}")
-        if seed is not None and (not isinstance(seed, (int, np.integer)) or seed < 0):
-            raise ValueError(f"seed: expected None or a non-negative int, got {seed!r}")
+        seed = _check_seed(seed)
         self.task = Task.build(name, full_obs=full_obs, **kwargs)
         if max_episode_steps is None:
             max_episode_steps = self.task.max_episode_steps
@@ -144,7 +152,7 @@ class MujocoVectorEnv(VectorEnv):
             cfrc_ext=self.task.needs_cfrc_ext, backend=physics,
         )
         self._autoreset = _autoreset
-        self._default_seed = None if seed is None else int(seed)
+        self._default_seed = seed
         self._rngs: Optional[list] = None
         self._obs = np.zeros((self.num_envs, self.obs_dim))
         self._elapsed = np.zeros(self.num_envs, dtype=np.int64)
@@ -157,12 +165,14 @@ class MujocoVectorEnv(VectorEnv):
             if self._rngs is not None:
                 return
             seed = self._default_seed
-        if seed is None or isinstance(seed, (int, np.integer)):
-            seeds = [None if seed is None else int(seed) + i for i in range(self.num_envs)]
+        if seed is None or isinstance(seed, (int, np.integer, bool, np.bool_)):
+            seed = _check_seed(seed)
+            seeds = [None if seed is None else seed + i for i in range(self.num_envs)]
         else:
-            seeds = list(seed)
-            if len(seeds) != self.num_envs:
-                raise ValueError(f"seed: expected an int or a list of {self.num_envs} seeds, got {len(seeds)}")
+            if isinstance(seed, (str, bytes)) or not hasattr(seed, "__len__") or len(seed) != self.num_envs:
+                raise ValueError(f"seed: expected None, a non-negative int or a list of {self.num_envs} of them "
+                                 f"(one per env), got {seed!r}")
+            seeds = [_check_seed(s, f"seed[{i}]") for i, s in enumerate(seed)]
         self._rngs = [seeding.np_random(s)[0] for s in seeds]
 
     def _reset_envs(self, ids: np.ndarray) -> None:
@@ -369,6 +379,7 @@ class MujocoSingleEnv(gymnasium.Env):
         self._done = True
 
     def reset(self, *, seed: Optional[int] = None, options: Optional[Dict[str, Any]] = None):
+        seed = _check_seed(seed)
         if seed is None and self._np_random is None:
             seed = self._default_seed
         super().reset(seed=seed)
