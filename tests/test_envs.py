@@ -297,6 +297,44 @@ def test_set_state_subset_keeps_others():
     np.testing.assert_array_equal(env.qpos[1], qpos[1] + 0.01)
 
 
+@pytest.mark.parametrize("physics", PHYSICS)
+@pytest.mark.parametrize("arg,value", [("qpos", np.nan), ("qpos", np.inf), ("qvel", -np.inf), ("qvel", np.nan),
+                                       ("qpos", -2e10), ("qvel", 1e11)])
+def test_set_state_rejects_values_mujoco_would_reset(physics, arg, value):
+    """MuJoCo replaces a simulation holding NaN, inf or |x| > 1e10 (mjMAXVAL) by its default state,
+    silently (batch physics at once, loop physics at the next step): set_state refuses such
+    values in one line naming the argument and changes nothing."""
+    env = make("Hopper", 2, seed=0, physics=physics)
+    env.reset()
+    state, obs = env.get_state(), env.obs
+    qpos, qvel = env.qpos, env.qvel
+    (qpos if arg == "qpos" else qvel)[1, 2] = value
+    with pytest.raises(ValueError, match=rf"^{arg}: expected finite values within \+-1e\+10 .*index \[1, 2\]") as info:
+        env.set_state(qpos, qvel)
+    assert "\n" not in str(info.value)
+    np.testing.assert_array_equal(env.get_state(), state)
+    np.testing.assert_array_equal(env.obs, obs)
+    single = make_single("Hopper", seed=0, physics=physics)
+    single.reset()
+    with pytest.raises(ValueError, match=f"^{arg}: expected finite"):
+        single.set_state(qpos[1], qvel[1])
+    qvel = env.qvel
+    qvel[1, 2] = 1e10  # the largest magnitude MuJoCo keeps
+    env.set_state(env.qpos, qvel)
+    assert env.qvel[1, 2] == 1e10
+
+
+def test_set_state_rows_follow_env_ids_order():
+    env = make("Hopper", 3, seed=0)
+    env.reset()
+    qpos, qvel = env.qpos, env.qvel
+    new = env.set_state(qpos[[2, 0]] + np.array([[0.01], [0.02]]), qvel[[2, 0]], env_ids=[2, 0])
+    np.testing.assert_array_equal(env.qpos[2], qpos[2] + 0.01)
+    np.testing.assert_array_equal(env.qpos[0], qpos[0] + 0.02)
+    np.testing.assert_array_equal(env.qpos[1], qpos[1])
+    np.testing.assert_array_equal(new, env.obs[[2, 0]])
+
+
 # ---- autoreset and seeding ---------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["HalfCheetah", "InvertedPendulum"])
 def test_autoreset_returns_true_final_obs(name):
@@ -572,6 +610,27 @@ def test_jacobians_are_derivatives():
     np.testing.assert_allclose(jac2.next_obs, predicted, atol=1e-6)
     coarse = dynamics_jacobians(env, actions, eps=1e-4)
     np.testing.assert_allclose(coarse.d_obs, jac.d_obs, rtol=1e-4, atol=1e-5)
+
+
+def test_jacobians_reject_inputs_mujoco_would_not_simulate():
+    """A NaN action (MuJoCo zeroes the controls), a state MuJoCo would reset, or an eps that is not
+    a positive finite float would give silently wrong Jacobians: each is an error naming it."""
+    env = make("Hopper", 2, seed=0)
+    env.reset()
+    states, actions = env.get_state(), np.zeros((2, 3))
+    bad_actions = actions.copy()
+    bad_actions[1, 0] = np.nan
+    with pytest.raises(ValueError, match="^actions: expected finite values"):
+        dynamics_jacobians(env, bad_actions)
+    for entry, arg in ((1 + 2, "qpos"), (1 + env.model.nq + 1, "qvel")):  # time, qpos, qvel
+        for value in (np.nan, np.inf, 2e10):
+            bad = states.copy()
+            bad[1, entry] = value
+            with pytest.raises(ValueError, match=rf"^states \({arg} entries\): expected finite values"):
+                dynamics_jacobians(env, actions, states=bad)
+    for eps in (0.0, -1e-6, np.inf, np.nan):
+        with pytest.raises(ValueError, match="^eps: expected a positive finite float"):
+            dynamics_jacobians(env, actions, eps=eps)
 
 
 @pytest.mark.skipif(not has_batch(), reason="needs mujoco.batch (mujoco>=4.0)")

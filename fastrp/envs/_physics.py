@@ -24,6 +24,9 @@ import mujoco
 import numpy as np
 
 STATE_SPEC = mujoco.mjtState.mjSTATE_INTEGRATION
+# MuJoCo treats a qpos, qvel or qacc entry that is NaN or beyond +-MAXVAL as unstable: it warns and
+# resets the simulation to the model's default state (mj_checkPos / mj_checkVel / mj_checkAcc).
+MAXVAL = float(getattr(mujoco, "mjMAXVAL", 1e10))
 
 
 @contextlib.contextmanager
@@ -65,6 +68,16 @@ def _with_mujoco_warnings(method):
             return method(*args, **kwargs)
 
     return wrapped
+
+
+def check_simulable(arr: np.ndarray, name: str) -> None:
+    """ValueError unless every entry is one MuJoCo simulates: finite and within +-MAXVAL (MuJoCo
+    resets a simulation holding anything else to its default state)."""
+    bad = ~(np.abs(arr) <= MAXVAL)
+    if bad.any():
+        at = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{name}: expected finite values within +-{MAXVAL:g} (MuJoCo resets a simulation "
+                         f"beyond that), got {arr[at]} at index {list(at)}")
 
 
 def has_batch() -> bool:

@@ -30,7 +30,7 @@ from typing import NamedTuple, Optional
 import mujoco
 import numpy as np
 
-from ._physics import LoopPhysics, make_physics, state_offset
+from ._physics import LoopPhysics, check_simulable, make_physics, state_offset
 
 _MAX_PERSISTENT_SIMS = 512
 
@@ -68,13 +68,17 @@ def dynamics_jacobians(env, actions, states: Optional[np.ndarray] = None, eps: f
     actions = np.asarray(actions, dtype=np.float64)
     if actions.shape != (B, env.act_dim):
         raise ValueError(f"actions: expected shape ({B}, {env.act_dim}), got {actions.shape}")
-    if not eps > 0:
-        raise ValueError(f"eps: expected a positive float, got {eps}")
+    if not np.isfinite(actions).all():
+        raise ValueError("actions: expected finite values (MuJoCo zeroes non-finite controls)")
+    qpos_at = state_offset(model, mujoco.mjtState.mjSTATE_QPOS)
+    qvel_at = state_offset(model, mujoco.mjtState.mjSTATE_QVEL)
+    check_simulable(states[:, qpos_at:qpos_at + model.nq], "states (qpos entries)")
+    check_simulable(states[:, qvel_at:qvel_at + model.nv], "states (qvel entries)")
+    if not (np.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps: expected a positive finite float, got {eps}")
 
     kind, index = task.obs_state_index()
     obs_cols = np.flatnonzero(kind < 2)
-    qpos_at = state_offset(model, mujoco.mjtState.mjSTATE_QPOS)
-    qvel_at = state_offset(model, mujoco.mjtState.mjSTATE_QVEL)
     state_entry = np.where(kind[obs_cols] == 0, qpos_at, qvel_at) + index[obs_cols]
     ncol = obs_cols.size + env.act_dim
     per_state = 1 + 2 * ncol

@@ -25,7 +25,7 @@ from gymnasium.utils import seeding
 from gymnasium.vector import VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from ._physics import STATE_SPEC, make_physics
+from ._physics import STATE_SPEC, check_simulable, make_physics
 from ._tasks import Task
 
 try:  # gymnasium >= 1.1
@@ -52,7 +52,8 @@ class Transition(NamedTuple):
 
 
 def _ids(env_ids, num_envs: int, name: str = "env_ids") -> np.ndarray:
-    """Sorted unique int64 env indices from None (all), ints or a bool mask."""
+    """Unique int64 env indices from None (all, in order), ints (in the order given) or a bool mask
+    (in order)."""
     if env_ids is None:
         return np.arange(num_envs)
     ids = np.asarray(env_ids)
@@ -67,12 +68,15 @@ def _ids(env_ids, num_envs: int, name: str = "env_ids") -> np.ndarray:
         raise ValueError(f"{name}: indices must be in [0, {num_envs}), got {ids.tolist()}")
     if np.unique(ids).size != ids.size:
         raise ValueError(f"{name}: indices must be unique, got {ids.tolist()}")
-    return np.sort(ids).astype(np.int64)
+    return ids.astype(np.int64)
 
 
 def _rows(x, n: int, width: int, name: str) -> np.ndarray:
     """``x`` as a float64 ``[n, width]`` array (a single ``[width]`` row is accepted for n == 1)."""
-    arr = np.asarray(x, dtype=np.float64)
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a float array of shape ({n}, {width}), got {type(x).__name__}") from None
     if arr.ndim == 1 and n == 1:
         arr = arr[None]
     if arr.shape != (n, width):
@@ -178,6 +182,7 @@ class MujocoVectorEnv(VectorEnv):
     def _reset_envs(self, ids: np.ndarray) -> None:
         if ids.size == 0:
             return
+        ids = np.sort(ids)
         task = self.task
         qpos = np.empty((ids.size, task.model.nq))
         qvel = np.empty((ids.size, task.model.nv))
@@ -288,15 +293,22 @@ class MujocoVectorEnv(VectorEnv):
         return np.array(self._physics.qvel)
 
     def set_state(self, qpos, qvel, env_ids=None) -> np.ndarray:
-        """Set ``qpos [n, nq]`` and ``qvel [n, nv]`` of envs ``env_ids`` (None: all N), as
-        gymnasium's ``MujocoEnv.set_state`` does (then ``mj_forward``; the episode clocks keep
-        running), and return their new observations ``[n, obs_dim]``."""
+        """Set ``qpos [n, nq]`` and ``qvel [n, nv]`` of envs ``env_ids`` (None: all N; row k goes
+        to ``env_ids[k]``), as gymnasium's ``MujocoEnv.set_state`` does (then ``mj_forward``; the
+        episode clocks keep running), and return their new observations ``[n, obs_dim]``.
+
+        Entries that are NaN, infinite or beyond +-1e10 (``mujoco.mjMAXVAL``: MuJoCo replaces a
+        simulation holding them by its default state) raise ValueError; nothing is changed then."""
         if self._rngs is None:
             raise RuntimeError("call reset() before set_state()")
         ids = _ids(env_ids, self.num_envs)
         model = self.task.model
-        self._physics.set_qpos_qvel(ids, _rows(qpos, ids.size, model.nq, "qpos"),
-                                    _rows(qvel, ids.size, model.nv, "qvel"))
+        qpos = _rows(qpos, ids.size, model.nq, "qpos")
+        qvel = _rows(qvel, ids.size, model.nv, "qvel")
+        check_simulable(qpos, "qpos")
+        check_simulable(qvel, "qvel")
+        order = np.argsort(ids)
+        self._physics.set_qpos_qvel(ids[order], qpos[order], qvel[order])
         self._obs[ids] = self._observe(ids)
         return self._obs[ids].copy()
 
