@@ -685,3 +685,66 @@ def test_state_dict_round_trip_continues_exactly():
         c.load_state_dict(state)
     with pytest.raises(RuntimeError, match="first reset"):
         make("Hopper", 2).state_dict()
+
+
+def _corrupt(state, key, value):
+    bad = dict(state)
+    if value is _MISSING:
+        del bad[key]
+    else:
+        bad[key] = value
+    return bad
+
+
+_MISSING = object()
+
+
+def test_load_state_dict_rejects_what_state_dict_cannot_give():
+    """A key missing, an array of another shape or kind, generator states numpy cannot load or a
+    non-finite position: one line naming the key, and the env is left exactly as it was."""
+    src = make("Hopper", 3, seed=5)
+    src.reset()
+    for _ in range(4):
+        src.step(np.full((3, 3), 0.2))
+    state = src.state_dict()
+    nan_sim = state["sim"].copy()
+    nan_sim[2, 1 + 3] = np.nan  # time, then qpos: qpos[3] of env 2
+    rngs = list(state["rngs"])
+    cases = [
+        ([state], r"^state: expected the dict"),
+        *[(_corrupt(state, key, _MISSING), rf"^state: missing '{key}'")
+          for key in ("sim", "obs", "elapsed", "returns", "needs_reset", "rngs")],
+        (_corrupt(state, "obs", state["obs"][:, :10]), r"^state\['obs'\]: expected a float array of shape \(3, 11\)"),
+        (_corrupt(state, "obs", state["obs"][:2]), r"^state\['obs'\]: expected a float array of shape \(3, 11\)"),
+        (_corrupt(state, "sim", state["sim"][:, :-1]), r"^state\['sim'\]: expected a float array"),
+        (_corrupt(state, "sim", nan_sim), r"^state\['sim'\]: expected finite qpos .* env 2"),
+        (_corrupt(state, "elapsed", state["elapsed"].astype(float)), r"^state\['elapsed'\]: expected a int array"),
+        (_corrupt(state, "returns", state["returns"][:2]), r"^state\['returns'\]: expected a float array of shape \(3,\)"),
+        (_corrupt(state, "needs_reset", np.zeros(3, dtype=np.int64)), r"^state\['needs_reset'\]: expected a bool array"),
+        (_corrupt(state, "rngs", rngs[:2]), r"^state\['rngs'\]: expected a list of 3 generator states"),
+        (_corrupt(state, "rngs", None), r"^state\['rngs'\]: expected a list of 3"),
+        (_corrupt(state, "rngs", [rngs[0], "x", rngs[2]]), r"^state\['rngs'\]\[1\]: expected a numpy bit generator state"),
+        (_corrupt(state, "rngs", [rngs[0], rngs[1], {"bit_generator": "seed"}]), r"^state\['rngs'\]\[2\]"),
+        (_corrupt(state, "rngs", [rngs[0], rngs[1], {**rngs[2], "state": 3}]), r"^state\['rngs'\]\[2\]"),
+    ]
+    dst = make("Hopper", 3, seed=1)
+    dst.reset()
+    dst.step(np.full((3, 3), -0.2))
+    before = dst.state_dict()
+    np_global = np.random.get_state()[1].copy()
+    for bad, match in cases:
+        with pytest.raises(ValueError, match=match) as info:
+            dst.load_state_dict(bad)
+        assert "\n" not in str(info.value)
+        after = dst.state_dict()
+        for key in ("sim", "obs", "elapsed", "returns", "needs_reset"):
+            np.testing.assert_array_equal(after[key], before[key])
+        assert after["rngs"] == before["rngs"]
+    np.testing.assert_array_equal(np.random.get_state()[1], np_global)
+    # never reset: load_state_dict alone restores everything, and the run continues exactly
+    fresh = make("Hopper", 3)
+    fresh.load_state_dict(state)
+    actions = np.random.default_rng(1).uniform(-1, 1, (40, 3, 3))
+    for act in actions:
+        for x, y in zip(src.step_transition(act), fresh.step_transition(act)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -20,12 +20,13 @@ from __future__ import annotations
 from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import gymnasium
+import mujoco
 import numpy as np
 from gymnasium.utils import seeding
 from gymnasium.vector import VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from ._physics import STATE_SPEC, check_simulable, make_physics
+from ._physics import STATE_SPEC, check_simulable, make_physics, state_offset
 from ._tasks import Task
 
 try:  # gymnasium >= 1.1
@@ -91,6 +92,37 @@ def _check_seed(seed, name: str = "seed") -> Optional[int]:
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)) or seed < 0:
         raise ValueError(f"{name}: expected None or a non-negative int, got {seed!r}")
     return int(seed)
+
+
+_STATE_KEYS = ("sim", "obs", "elapsed", "returns", "needs_reset", "rngs")
+_DTYPE_KINDS = {"f": "float", "iu": "int", "b": "bool"}
+_BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
+
+
+def _state_array(state: Dict[str, Any], key: str, shape: Tuple[int, ...], kinds: str, where: str) -> np.ndarray:
+    """``state[key]`` as an array of ``shape`` whose dtype kind is in ``kinds``, else ValueError."""
+    try:
+        arr = np.asarray(state[key])
+    except (TypeError, ValueError):  # e.g. ragged nested lists
+        arr = np.empty(0, dtype=object)
+    if arr.shape != shape or arr.dtype.kind not in kinds:
+        raise ValueError(f"state[{key!r}]: expected a {_DTYPE_KINDS[kinds]} array of shape {shape} {where}, "
+                         f"got {arr.dtype} {arr.shape}")
+    return arr
+
+
+def _generator(bit_state, name: str) -> np.random.Generator:
+    """A generator continuing from ``bit_state`` (a ``Generator.bit_generator.state`` dict)."""
+    kind = bit_state.get("bit_generator") if isinstance(bit_state, dict) else None
+    try:
+        if kind not in _BIT_GENERATORS:
+            raise ValueError(kind)
+        bit_generator = getattr(np.random, kind)()
+        bit_generator.state = bit_state
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ValueError(f"{name}: expected a numpy bit generator state (rng.bit_generator.state), "
+                         f"got {str(bit_state)[:80]}") from exc
+    return np.random.Generator(bit_generator)
 
 
 class MujocoVectorEnv(VectorEnv):
@@ -333,21 +365,45 @@ class MujocoVectorEnv(VectorEnv):
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` into an env of the same task and size (reset once before)."""
-        sim = np.asarray(state["sim"])
-        if sim.shape != self.get_state().shape:
-            raise ValueError(f"state['sim']: expected shape {self.get_state().shape} (task {self.task.name!r}, "
-                             f"{self.num_envs} envs), got {sim.shape}")
-        if len(state["rngs"]) != self.num_envs:
-            raise ValueError(f"state['rngs']: expected {self.num_envs} generator states, got {len(state['rngs'])}")
+        """Restore :meth:`state_dict` into an env of the same task and size.
+
+        A ``state`` that is not such a dict -- a key missing, an array of another shape or kind,
+        generator states numpy cannot load, non-finite positions or velocities -- raises
+        ValueError naming the key, and the env is left as it was."""
+        n, model = self.num_envs, self.task.model
+        if not isinstance(state, dict):
+            raise ValueError(f"state: expected the dict of MujocoVectorEnv.state_dict(), got {type(state).__name__}")
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(f"state: missing {', '.join(repr(k) for k in missing)}; expected the keys "
+                             f"{', '.join(_STATE_KEYS)} of MujocoVectorEnv.state_dict()")
+        where = f"(task {self.task.name!r}, {n} envs)"
+        nstate = mujoco.mj_stateSize(model, STATE_SPEC)
+        sim = _state_array(state, "sim", (n, nstate), "f", where)
+        obs = _state_array(state, "obs", (n, self.obs_dim), "f", where)
+        elapsed = _state_array(state, "elapsed", (n,), "iu", where)
+        returns = _state_array(state, "returns", (n,), "f", where)
+        needs_reset = _state_array(state, "needs_reset", (n,), "b", where)
+        for part, width in (("QPOS", model.nq), ("QVEL", model.nv)):
+            at = state_offset(model, getattr(mujoco.mjtState, f"mjSTATE_{part}"))
+            bad = np.flatnonzero(~np.isfinite(sim[:, at:at + width]).all(axis=1))
+            if bad.size:
+                raise ValueError(f"state['sim']: expected finite {part.lower()} in every row (MuJoCo would reset "
+                                 f"the simulation), got non-finite values in env {int(bad[0])}")
+        rng_states = state["rngs"]
+        if not isinstance(rng_states, (list, tuple)) or len(rng_states) != n:
+            raise ValueError(f"state['rngs']: expected a list of {n} generator states {where}, got "
+                             f"{len(rng_states) if isinstance(rng_states, (list, tuple)) else type(rng_states).__name__}")
+        rngs = [_generator(bit_state, f"state['rngs'][{i}]") for i, bit_state in enumerate(rng_states)]
+
+        ids = np.arange(n)
         self._physics.set_state(sim)
-        self.set_state(self.qpos, self.qvel)  # mj_forward: refresh the derived fields of the restored state
-        self._obs[:] = state["obs"]
-        self._elapsed[:] = state["elapsed"]
-        self._returns[:] = state["returns"]
-        self._needs_reset[:] = state["needs_reset"]
-        for rng, bit_state in zip(self._rngs, state["rngs"]):
-            rng.bit_generator.state = bit_state
+        self._physics.set_qpos_qvel(ids, self.qpos, self.qvel)  # mj_forward: the derived fields
+        self._obs[:] = obs
+        self._elapsed[:] = elapsed
+        self._returns[:] = returns
+        self._needs_reset[:] = needs_reset
+        self._rngs = rngs
 
     @property
     def state_spec(self):
