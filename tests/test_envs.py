@@ -428,6 +428,122 @@ def test_reset_accepts_numpy_integer_seeds():
     np.testing.assert_array_equal(make_single("Walker2d").reset(seed=np.int16(4))[0], ref[0])
     obs, _ = env.reset(seed=[None, 5, 6])  # None: fresh entropy for that env
     np.testing.assert_array_equal(obs[1:], ref[1:])
+
+
+def test_reset_envs_continues_each_envs_generator():
+    """reset_envs resets the chosen envs as gymnasium's unseeded env.reset() does after the same
+    history (the same generator stream), restarts their episode clocks and returns, and leaves the
+    other envs alone; a state_dict taken before it resets the same way."""
+    n, seed, limit = 3, 4, 6
+    env = make("Hopper", n, seed=seed, max_episode_steps=limit)
+    refs = gym_envs(env, n)
+    env.reset()
+    for i, ref in enumerate(refs):
+        ref.reset(seed=seed + i)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        a = random_actions(rng, env, scale=0.1)
+        env.step(a)
+        for i, ref in enumerate(refs):
+            ref.step(a[i])
+    saved = env.state_dict()
+    obs = env.obs
+    fresh = env.reset_envs([2, 0])
+    np.testing.assert_array_equal(fresh, np.stack([refs[2].reset()[0], refs[0].reset()[0]]))
+    np.testing.assert_array_equal(env.obs[[2, 0]], fresh)
+    np.testing.assert_array_equal(env.obs[1], obs[1])
+    twin = make("Hopper", n, seed=99, max_episode_steps=limit)
+    twin.load_state_dict(saved)
+    np.testing.assert_array_equal(twin.reset_envs(np.array([True, False, True])), fresh[::-1])
+    ended = {}
+    for t in range(limit):
+        a = random_actions(rng, env, scale=0.1)
+        _, reward, terminated, truncated, info = env.step(a)
+        for i, ref in enumerate(refs):
+            r_obs, r_reward, r_term, r_trunc, _ = ref.step(a[i])
+            np.testing.assert_array_equal(info["next_obs"][i], r_obs)
+            assert_reward_equal(reward[i], r_reward)
+            assert (terminated[i], truncated[i]) == (r_term, r_trunc)
+            if r_term or r_trunc:
+                ended[i] = (t, int(info["episode"]["l"][i]))
+                ref.reset()
+    # env 1 reaches the limit 3 steps on; envs 0 and 2 restarted their clocks at reset_envs
+    assert ended == {1: (2, limit), 0: (limit - 1, limit), 2: (limit - 1, limit)}
+    assert env.reset_envs([]).shape == (0, env.obs_dim)
+    with pytest.raises(ValueError, match="env_ids"):
+        env.reset_envs([3])
+    with pytest.raises(ValueError, match="env_ids"):
+        env.reset_envs([1, 1])
+    with pytest.raises(RuntimeError, match="reset"):
+        make("Hopper", 2).reset_envs([0])
+
+
+# ---- non-finite actions and unstable states ---------------------------------------------------
+@pytest.mark.filterwarnings("ignore:.*reward is a NaN value")  # gymnasium's env checker
+@pytest.mark.parametrize("physics", PHYSICS)
+def test_nan_action_gives_nan_reward_and_finite_next_obs_as_in_gymnasium(physics):
+    """A NaN action (a policy that emitted NaN): MuJoCo warns, zeroes that simulation's controls
+    and steps on, so next_obs is the zero-control step -- finite -- while the reward, whose control
+    cost squares the action, is NaN; the transition keeps the NaN action.  All as gymnasium's
+    env.step.  This is how a non-finite transition comes out of the public API."""
+    env = make("HalfCheetah", 2, seed=3, physics=physics)
+    refs = gym_envs(env, 2)
+    env.reset()
+    for i, ref in enumerate(refs):
+        ref.reset(seed=3 + i)
+    a = random_actions(np.random.default_rng(0), env)
+    a[1, 2] = np.nan
+    with pytest.warns(RuntimeWarning, match="MuJoCo: Nan, Inf or huge value in CTRL"):
+        tr = env.step_transition(a)
+    with mujoco_warnings(), pytest.warns(RuntimeWarning, match="CTRL"):
+        ref_out = [ref.step(a[i]) for i, ref in enumerate(refs)]
+    assert np.isnan(tr.action[1, 2]) and np.isnan(tr.reward[1]) and np.isnan(ref_out[1][1])
+    assert np.isfinite(tr.obs).all() and np.isfinite(tr.next_obs).all() and np.isfinite(tr.reward[0])
+    for i in range(2):
+        np.testing.assert_array_equal(tr.next_obs[i], ref_out[i][0])
+    assert_reward_equal(tr.reward[0], ref_out[0][1])
+    assert not (tr.terminated.any() or tr.truncated.any())
+    twin = make("HalfCheetah", 2, seed=3, physics=physics)
+    twin.reset()
+    zero = a.copy()
+    zero[1] = 0.0
+    np.testing.assert_array_equal(twin.step_transition(zero).next_obs, tr.next_obs)
+
+
+@pytest.mark.parametrize("physics", PHYSICS)
+def test_unstable_state_is_reset_by_mujoco_within_the_step_as_in_gymnasium(physics):
+    """A state MuJoCo cannot integrate (here qvel 1e10, the largest set_state accepts): mj_step
+    warns, resets that simulation to the model's default state (qpos0, zero qvel, time 0) and
+    finishes the step from there, as gymnasium's env.step does.  The transition is finite --
+    next_obs and reward describe that jump, not the physics -- and the episode clock runs on."""
+    env = make("Hopper", 2, seed=3, physics=physics, max_episode_steps=2)
+    refs = gym_envs(env, 2)
+    env.reset()
+    for i, ref in enumerate(refs):
+        ref.reset(seed=3 + i)
+    qpos, qvel = env.qpos, env.qvel
+    qvel[0] = 1e10
+    env.set_state(qpos, qvel)
+    for i, ref in enumerate(refs):
+        ref.unwrapped.set_state(qpos[i], qvel[i])
+    a = np.zeros((2, 3))
+    for t in range(2):
+        with pytest.warns(RuntimeWarning, match="MuJoCo: Nan, Inf or huge value in QACC") if t == 0 else \
+                warnings.catch_warnings():
+            tr = env.step_transition(a)
+        with mujoco_warnings(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref_out = [ref.step(a[i]) for i, ref in enumerate(refs)]
+        for i in range(2):
+            np.testing.assert_array_equal(tr.next_obs[i], ref_out[i][0])
+            assert_reward_equal(tr.reward[i], ref_out[i][1])
+            assert (tr.terminated[i], tr.truncated[i]) == ref_out[i][2:4]
+        assert all(np.isfinite(x).all() for x in tr[:4])
+        if t == 0:  # the 1e10 velocity is gone: env 0 went on from rest
+            assert np.abs(env.qvel[0]).max() < 1.0
+    assert tr.truncated.all()  # both reached the 2-step limit: the reset inside the step kept the clock
+
+
 # ---- termination functions ---------------------------------------------------------------------
 @pytest.mark.parametrize("name", ENV_NAMES)
 def test_termination_fn_matches_env(name):

@@ -63,6 +63,8 @@ def _ids(env_ids, num_envs: int, name: str = "env_ids") -> np.ndarray:
             raise ValueError(f"{name}: a bool mask must have shape ({num_envs},), got {ids.shape}")
         return np.flatnonzero(ids)
     ids = np.atleast_1d(ids)
+    if ids.shape == (0,):
+        return np.zeros(0, dtype=np.int64)
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"{name}: expected a 1-D array of int env indices or a bool mask, got {ids.dtype} {ids.shape}")
     if ids.size and (ids.min() < 0 or ids.max() >= num_envs):
@@ -247,6 +249,23 @@ class MujocoVectorEnv(VectorEnv):
         mask = None if options is None else options.get("reset_mask")
         self._reset_envs(_ids(mask, self.num_envs, "options['reset_mask']"))
         return self._obs.copy(), {}
+
+    def reset_envs(self, env_ids) -> np.ndarray:
+        """Reset only the envs ``env_ids`` (int indices, or a bool mask ``[N]``) and return their
+        first observations ``[n, obs_dim]``, row k for ``env_ids[k]`` (mask: in env order).
+
+        Each env draws its reset noise from its own generator, continuing the stream that
+        :meth:`reset` seeded, as gymnasium's ``env.reset()`` without a seed does; the generators
+        are part of :meth:`state_dict`, so a resumed run resets the same way.  The envs' episode
+        clocks and returns restart (no ``info["episode"]`` is reported for the abandoned
+        episodes); the other envs are not touched.  For dropping an env copy whose episode must not
+        go on -- e.g. one that produced a non-finite transition -- without ending the others'.
+        """
+        if self._rngs is None:
+            raise RuntimeError("call reset() before reset_envs()")
+        ids = _ids(env_ids, self.num_envs)
+        self._reset_envs(ids)
+        return self._obs[ids].copy()
 
     # ---- stepping ----------------------------------------------------------------------------
     def _check_actions(self, actions) -> np.ndarray:
