@@ -49,6 +49,21 @@ def assert_reward_equal(reward, ref):
     np.testing.assert_allclose(reward, ref, rtol=1e-12, atol=1e-12)
 
 
+def step_like_gymnasium(env, refs, a):
+    """``env.step(a)`` and ``refs[i].step(a[i])``: next_obs, reward, terminated and truncated must
+    be equal.  Returns env.step's result and the observations the references reached."""
+    out = env.step(a)
+    _, reward, terminated, truncated, info = out
+    reached = []
+    for i, ref in enumerate(refs):
+        r_obs, r_reward, r_term, r_trunc, _ = ref.step(a[i])
+        np.testing.assert_array_equal(info["next_obs"][i], r_obs)
+        assert_reward_equal(reward[i], r_reward)
+        assert (terminated[i], truncated[i]) == (r_term, r_trunc)
+        reached.append(r_obs)
+    return out, reached
+
+
 def random_actions(rng, env, n=None, scale=1.0):
     n = env.num_envs if n is None else n
     return (scale * rng.uniform(-1, 1, (n, env.act_dim))).astype(np.float32)
@@ -230,15 +245,12 @@ def test_step_matches_gymnasium(name, full_obs, physics):
     for _ in range(60):
         a = random_actions(rng, env)
         a[0] *= 0.05  # env 0 acts gently and reaches the time limit
-        obs, reward, terminated, truncated, info = env.step(a)
+        (obs, _, terminated, truncated, info), reached = step_like_gymnasium(env, refs, a)
         for i, ref in enumerate(refs):
-            r_obs, r_reward, r_term, r_trunc, _ = ref.step(a[i])
-            np.testing.assert_array_equal(info["next_obs"][i], r_obs)
-            assert_reward_equal(reward[i], r_reward)
-            assert (terminated[i], truncated[i]) == (r_term, r_trunc)
-            if r_term or r_trunc:
-                ends["terminated"] += r_term
-                ends["truncated"] += r_trunc
+            r_obs = reached[i]
+            if terminated[i] or truncated[i]:
+                ends["terminated"] += terminated[i]
+                ends["truncated"] += truncated[i]
                 np.testing.assert_array_equal(info["final_obs"][i], r_obs)
                 r_obs, _ = ref.reset()
             np.testing.assert_array_equal(obs[i], r_obs)
@@ -442,10 +454,7 @@ def test_reset_envs_continues_each_envs_generator():
         ref.reset(seed=seed + i)
     rng = np.random.default_rng(0)
     for _ in range(3):
-        a = random_actions(rng, env, scale=0.1)
-        env.step(a)
-        for i, ref in enumerate(refs):
-            ref.step(a[i])
+        step_like_gymnasium(env, refs, random_actions(rng, env, scale=0.1))
     saved = env.state_dict()
     obs = env.obs
     fresh = env.reset_envs([2, 0])
@@ -457,14 +466,9 @@ def test_reset_envs_continues_each_envs_generator():
     np.testing.assert_array_equal(twin.reset_envs(np.array([True, False, True])), fresh[::-1])
     ended = {}
     for t in range(limit):
-        a = random_actions(rng, env, scale=0.1)
-        _, reward, terminated, truncated, info = env.step(a)
+        (_, _, terminated, truncated, info), _ = step_like_gymnasium(env, refs, random_actions(rng, env, scale=0.1))
         for i, ref in enumerate(refs):
-            r_obs, r_reward, r_term, r_trunc, _ = ref.step(a[i])
-            np.testing.assert_array_equal(info["next_obs"][i], r_obs)
-            assert_reward_equal(reward[i], r_reward)
-            assert (terminated[i], truncated[i]) == (r_term, r_trunc)
-            if r_term or r_trunc:
+            if terminated[i] or truncated[i]:
                 ended[i] = (t, int(info["episode"]["l"][i]))
                 ref.reset()
     # env 1 reaches the limit 3 steps on; envs 0 and 2 restarted their clocks at reset_envs
