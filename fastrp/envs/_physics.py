@@ -50,7 +50,8 @@ def mujoco_warnings():
         if previous is not None:
             previous(message)
         else:
-            warnings.warn(f"MuJoCo: {message}", RuntimeWarning, stacklevel=2)
+            # stacklevel 1: on mujoco.batch worker threads there is no Python caller to point at
+            warnings.warn(f"MuJoCo: {message}", RuntimeWarning, stacklevel=1)
 
     mujoco.set_mju_user_warning(handler)
     try:
