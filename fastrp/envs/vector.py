@@ -12,7 +12,13 @@ same :meth:`MujocoVectorEnv.step` call.  The returned ``obs`` is what to act on 
 for finished envs are the new episodes' first observations; the true observation reached by the
 step is ``info["next_obs"]`` (every row), and also ``info["final_obs"]`` for finished rows
 (gymnasium's convention).  :meth:`MujocoVectorEnv.step_transition` returns the exact transition
-``(obs, action, reward, next_obs, terminated, truncated)`` for the replay buffer.
+``(obs, action, reward, next_obs, terminated, truncated)`` for the replay buffer, and
+:meth:`MujocoVectorEnv.reset_envs` resets chosen envs (from their own seeded generators) outside
+of that cycle.
+
+MuJoCo's warnings (an unstable simulation it resets, non-finite controls it zeroes) come as
+``RuntimeWarning("MuJoCo: ...")`` or go to a handler installed with ``mujoco.set_mju_user_warning``;
+MuJoCo warns once per kind of warning and simulation, until that simulation is reset.
 """
 
 from __future__ import annotations
