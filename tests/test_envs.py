@@ -411,7 +411,8 @@ def test_seeding_is_reproducible():
     env.reset(options={"reset_mask": np.array([False, True, False])})
 
 
-@pytest.mark.parametrize("seed", [-1, 1.5, "3", True, np.float64(2.0), [0, -1, 2], [0, 1.5, 2], [0, 1], "abc"])
+@pytest.mark.parametrize("seed", [-1, 1.5, "3", True, np.float64(2.0), np.array(4), [0, -1, 2], [0, 1.5, 2], [0, 1],
+                                  [[0, 1, 2]], [0, [1, 2], 3], "abc"])
 def test_reset_rejects_bad_seeds(seed):
     """A seed that is not None, a non-negative int or a list of one per env is refused in one line
     naming it (gymnasium's seeding would raise its own error type, or list() a TypeError), and

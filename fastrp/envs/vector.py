@@ -213,7 +213,8 @@ class MujocoVectorEnv(VectorEnv):
             seed = _check_seed(seed)
             seeds = [None if seed is None else seed + i for i in range(self.num_envs)]
         else:
-            if isinstance(seed, (str, bytes)) or not hasattr(seed, "__len__") or len(seed) != self.num_envs:
+            one_per_env = isinstance(seed, (list, tuple)) or (isinstance(seed, np.ndarray) and seed.ndim == 1)
+            if not one_per_env or len(seed) != self.num_envs:
                 raise ValueError(f"seed: expected None, a non-negative int or a list of {self.num_envs} of them "
                                  f"(one per env), got {seed!r}")
             seeds = [_check_seed(s, f"seed[{i}]") for i, s in enumerate(seed)]
