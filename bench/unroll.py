@@ -288,11 +288,12 @@ def trainer_config(H: int, B: int, device):
     """The trainer's resolved config: ``ddppo-sn`` with HalfCheetah's paper preset, at H and B."""
     from fastrp.config import resolve
 
-    return resolve({"env": TRAINER_ENV, "algo": TRAINER_ALGO, "device": device.type, "horizon": H, "batch_size": B})
+    return resolve({"env": TRAINER_ENV, "algo": TRAINER_ALGO, "preset": "paper", "device": device.type, "horizon": H,
+                    "batch_size": B})
 
 
 def build_trainer(H: int, B: int, device, seed: int):
-    """``step()`` running the trainer's ``actor_objective`` (forward) and the policy gradient on the
+    """``step()`` running the trainer's policy objective (``Agent.policy_loss``, forward) and the policy gradient on the
     benchmark's start states; the agent is freshly initialised (models not fitted: the timing does
     not depend on the weights' values)."""
     from fastrp import algos
@@ -304,8 +305,8 @@ def build_trainer(H: int, B: int, device, seed: int):
     params = list(agent.policy.parameters())
 
     def step(s0):
-        with common.nvtx_range("trainer/forward"):
-            loss, _, _ = agent.actor_objective(s0)
+        with common.nvtx_range("trainer/forward"), agent.policy_update_mode(), agent.policy.net.cached_scales():
+            loss, _ = agent.policy_loss(s0)
         with common.nvtx_range("trainer/backward"):
             grads = torch.autograd.grad(loss, params)
         return loss, grads

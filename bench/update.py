@@ -55,21 +55,20 @@ import os
 import sys
 import time
 import traceback
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-import fastrp.nn.model as fastrp_model  # noqa: E402
+import fastrp.rl.model_fit as fastrp_model_fit  # noqa: E402
 from fastrp import algos  # noqa: E402
-from fastrp.algos.mbpo import guarded_fit, rollout_length  # noqa: E402
 from fastrp.config import resolve  # noqa: E402
 from fastrp.envs import make, termination_fn  # noqa: E402
 from fastrp.nn.ensemble import EnsembleMLP  # noqa: E402
 from fastrp.rl.buffer import ReplayBuffer  # noqa: E402
-from fastrp.rl.unroll import model_rollout  # noqa: E402
+from fastrp.rl.model_fit import FDTerm, guarded_fit  # noqa: E402
 
 ENV, ALGO = "HalfCheetah", "ddppo-sn"
 ALL_PROVIDERS = ("eager", "fastrp", "fastrp-cudagraph")
@@ -122,40 +121,36 @@ class Runner:
         if not self.eager:
             yield
             return
-        original = fastrp_model.fd_targets
-        fastrp_model.fd_targets = functools.partial(original, backend="torch")
+        original = fastrp_model_fit.fd_targets
+        fastrp_model_fit.fd_targets = functools.partial(original, backend="torch")
         try:
             yield
         finally:
-            fastrp_model.fd_targets = original
+            fastrp_model_fit.fd_targets = original
 
-    # ---- the phases (the bodies of DDPPO.fit_models, MBPO.on_env_step and SAC.update) ---------
+    # ---- the phases (the bodies of Agent.refit_models, Agent.generate_rollouts and Agent.update) ---
     def model(self) -> None:
         agent, cfg = self.agent, self.cfg
-        guarded_fit(agent.model, self.buffer, cfg)
-        start = self.buffer.sample(cfg.rollout_batch_size).obs
-        agent.policy.eval()
-        rows = model_rollout(agent.policy, agent.model, start, rollout_length(cfg, self.step), agent.termination)
-        agent.policy.train()
-        finite = torch.ones(rows["reward"].shape[0], dtype=torch.bool, device=self.device)
-        for key in ("obs", "action", "reward", "next_obs"):
-            finite &= torch.isfinite(rows[key].reshape(finite.shape[0], -1)).all(dim=1)
-        kept = {key: value[finite] for key, value in rows.items()}
-        agent.model_buffer.add(kept["obs"], kept["action"], kept["reward"], kept["next_obs"], kept["terminated"])
+        guarded_fit(agent.model_fitter, self.buffer.latest(len(self.buffer)), cfg)
+        agent.generate_rollouts(self.buffer, self.step)
 
     def grad_model(self) -> None:
         cfg = self.cfg
         fd_k = min(cfg.fd_k, min(cfg.fd_window, len(self.buffer)) - 1)
-        guarded_fit(self.agent.grad_model, self.buffer, cfg, fd_weight=cfg.fd_weight, fd_k=fd_k,
-                    fd_window=cfg.fd_window)
+        guarded_fit(self.agent.grad_model_fitter, self.buffer.latest(len(self.buffer)), cfg,
+                    extra_term=FDTerm(cfg.fd_weight, fd_k, cfg.fd_window, cfg.fd_batch_size))
 
     def critic(self) -> None:
         for _ in range(self.cfg.critic_updates):
-            self.agent.metrics.add(self.agent._critic_step(self.agent.critic_batch(self.buffer)))
+            out = self.agent._critic_update(self.agent.critic_batch(self.buffer))
+            self.agent.stats.critic.add(out.pop("ok"), out)
 
     def policy(self) -> None:
         for _ in range(self.cfg.policy_updates):
-            self.agent.metrics.add(self.agent._actor_step(self.agent.actor_obs(self.buffer)))
+            obs = self.agent.policy_states(self.buffer)
+            with self.agent.policy_update_mode():
+                out = self.agent._policy_update(obs)
+            self.agent.stats.policy.add(out.pop("ok"), out)
 
     def repeat(self) -> Dict[str, float]:
         """One update's four phases; wall ms of each (device synchronised around each)."""
@@ -168,7 +163,7 @@ class Runner:
                     getattr(self, phase)()
                 common.synchronize(self.device)
                 out[phase] = (time.perf_counter() - t0) * 1e3
-        self.agent.metrics.pop()  # the host read the trainer does once per log interval
+        self.agent.stats.pop()  # the host read the trainer does once per log interval
         return out
 
 

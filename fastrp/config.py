@@ -1,9 +1,17 @@
-"""Typed trainer configuration, per-env / per-algorithm presets, and the CLI parser built from them.
+"""Typed trainer configuration, the presets as data, the CLI parser built from them, and where
+each resolved value came from.
 
-Precedence, lowest first: the :class:`Config` defaults, ``ALGO_PRESETS[algo]``, ``ENV_PRESETS[env]``,
-``SIZE_PRESETS[preset]``, then every flag given on the command line. The resolved config is what the
-run directory's ``config.json`` holds. ``--help`` prints each field's docstring (read from this
-file's source, so a field and its explanation live on adjacent lines).
+Precedence, lowest first: the :class:`Config` defaults; the algorithm layer (``ALGO_PRESETS[algo]``,
+from the algorithm table :data:`fastrp.algos.SPECS`: updates per env step and spectral-norm
+flags); the env layer (``ENV_PRESETS[env]``: only what the papers tie to the task - H, n, w, the
+rollout-length schedule, warm-up and run length); the size layer (``SIZE_PRESETS[preset]``: network
+and update sizes for a machine - ``paper`` (none), ``cpu``, ``tiny``; a size preset may have
+entries for one algorithm or one env); then every flag given on the command line.
+``--preset auto`` (the default) picks ``paper`` when training on CUDA and ``cpu`` otherwise.
+
+:func:`resolve` returns the config and, per field, where its value came from; the run
+directory's ``config.json`` holds both (``"sources"``), and ``--help`` lists every preset value
+of each flag. Each field's docstring (read from this file's source) is its ``--help`` text.
 """
 
 from __future__ import annotations
@@ -12,12 +20,21 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
+import os
+import re
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
-ALGOS = ("sac", "mbpo", "maac", "rp-sn", "ddppo", "ddppo-sn")
+from fastrp.algos import ALGORITHMS, SPECS
+
+ALGOS = ALGORITHMS
 DEVICES = ("auto", "cpu", "cuda")
+ENV_NAMES = ("InvertedPendulum", "Hopper", "Walker2d", "HalfCheetah", "Ant", "Humanoid")
+PRESETS = ("auto", "paper", "cpu", "tiny")
+MAX_SEED = 2 ** 32 - 1 - 10_000
+"""Largest seed: numpy and gymnasium take 32-bit seeds, and evaluation uses ``seed + 10_000``."""
 
 
 @dataclass
@@ -27,8 +44,8 @@ class Config:
     """Task: InvertedPendulum, Hopper, Walker2d, HalfCheetah, Ant or Humanoid (gymnasium v5)."""
     algo: str = "ddppo-sn"
     """Algorithm: sac, mbpo, maac (RP-DP / SVG(H)), rp-sn (maac + spectral norm), ddppo, ddppo-sn."""
-    preset: str = "paper"
-    """Size preset applied on top of the env and algorithm presets: paper (full size) or tiny (small nets, for tests)."""
+    preset: str = "auto"
+    """Size preset on top of the algorithm and env presets: paper (the papers' sizes), cpu (sized for a CPU), tiny (tests), or auto (paper when training on CUDA, cpu otherwise)."""
     seed: int = 0
     """Seed of torch, numpy, python and the environments."""
     steps: int = 100_000
@@ -44,13 +61,15 @@ class Config:
     resume: str = ""
     """Continue the run in this run directory from its last checkpoint (its config is reused; --steps may be raised)."""
     eval_every: int = 5000
-    """Evaluate the deterministic policy every this many env steps (a multiple of log_every)."""
+    """Evaluate the deterministic policy every this many env steps (and at the end); each evaluation writes a metrics row."""
     eval_episodes: int = 5
     """Episodes per evaluation."""
     log_every: int = 1000
     """Write a metrics row every this many env steps (host reads the device-side metrics only here)."""
     checkpoint_every: int = 10_000
-    """Checkpoint every this many env steps (a multiple of log_every); the end of a run is always checkpointed."""
+    """Checkpoint every this many env steps; the end of a run, an interrupt and every checkpoint_minutes of wall time are checkpointed too."""
+    checkpoint_minutes: float = 10.0
+    """Also checkpoint when this many minutes of wall time have passed since the last checkpoint (0 = only by env steps)."""
     max_bad_intervals: int = 3
     """Stop the run after this many consecutive log intervals in which most updates were non-finite and skipped."""
     cpu_threads: int = 1
@@ -61,8 +80,6 @@ class Config:
     """torch.compile the update closures (critic step; policy + temperature step, with the model unroll)."""
     cuda_graphs: bool = False
     """Capture the compiled update closures in CUDA graphs (mode=reduce-overhead; needs --compile and CUDA)."""
-    fault_nan_at: int = -1
-    """Testing aid: from this env step on, inject NaN into the critic loss (checks the divergence guard); -1 = off."""
     # ---- SAC ---------------------------------------------------------------------------------------
     batch_size: int = 256
     """Minibatch size of the critic and policy updates."""
@@ -169,24 +186,16 @@ def _field_docs() -> Dict[str, str]:
     return docs
 
 
+
 # ---- presets as data ------------------------------------------------------------------------------
-# DDPPO Table 1 (paper 003): H, n, w per env; 10 policy + 10 critic updates per env step; 7 members,
-# 5 elites, 4x200 SiLU models retrained every 250 steps. Warm-up 5000 steps (200 for InvertedPendulum).
-# Rollout lengths follow MBPO's configs (Hopper 1 -> 15 over epochs 20 -> 100, Humanoid 1 -> 25 over
-# 20 -> 300, Walker2d / HalfCheetah / Ant / InvertedPendulum fixed). Steps = epochs x 1000. The
-# text of Table 1's n row is garbled in our copy; read as 10 / 25 / 25 / 25 / 5 / 5.
+# Env layer: only what the papers tie to the task. DDPPO Table 1 (paper 003): H, n, w per env
+# (the text of Table 1's n row is garbled in our copy; read as 10 / 25 / 25 / 25 / 5 / 5); warm-up
+# 5000 steps (200 for InvertedPendulum, Appendix B.2.2); MBPO's rollout-length schedules (Hopper
+# 1 -> 15 over epochs 20 -> 100, Humanoid 1 -> 25 over 20 -> 300, the others fixed); run length =
+# MBPO's epochs x 1000 steps.
 ENV_PRESETS: Dict[str, Dict[str, object]] = {
-    # InvertedPendulum is sized for a 2-core CPU (10k steps in well under 20 min): smaller networks
-    # (64 wide, 3 x 64 models), 1 policy + 4 critic updates per step (instead of 10 + 10) with 1e-3
-    # critic / temperature learning rates, a faster target (tau 0.01) and a low initial temperature
-    # to make up for them; policy learning rate 3e-4 (1e-3 reached 1000 as fast but kept falling
-    # back); model refits capped at 30 epochs / 200 steps, 64 FD queries per gradient-model step, and
-    # half of each critic batch real (the critic leans less on the young model).
     "InvertedPendulum": dict(steps=10_000, warmup_steps=200, horizon=3, fd_k=10, fd_weight=10.0,
-                             rollout_min_len=1, rollout_max_len=1, eval_every=1000, hidden_dim=64,
-                             model_hidden_dim=64, model_num_layers=3, policy_updates=1, critic_updates=4,
-                             model_max_epochs=30, model_max_steps=200, fd_batch_size=64, real_ratio=0.5, tau=0.01,
-                             actor_lr=3e-4, critic_lr=1e-3, alpha_lr=1e-3, init_alpha=0.1),
+                             rollout_min_len=1, rollout_max_len=1),
     "Hopper": dict(steps=100_000, horizon=2, fd_k=25, fd_weight=50.0,
                    rollout_min_len=1, rollout_max_len=15, rollout_min_epoch=20, rollout_max_epoch=100),
     "Walker2d": dict(steps=100_000, horizon=3, fd_k=25, fd_weight=0.1, rollout_min_len=1, rollout_max_len=1),
@@ -197,25 +206,45 @@ ENV_PRESETS: Dict[str, Dict[str, object]] = {
                      rollout_min_len=1, rollout_max_len=25, rollout_min_epoch=20, rollout_max_epoch=300),
 }
 
-# SAC runs 1 update per step (its paper); model-based variants 10 + 10 (DDPPO Table 1). Spectral
-# normalization per RP-PGM: policy hidden layers, model all but the output layer.
-ALGO_PRESETS: Dict[str, Dict[str, object]] = {
-    "sac": dict(policy_updates=1, critic_updates=1),
-    "mbpo": dict(policy_updates=10, critic_updates=10),
-    "maac": dict(policy_updates=10, critic_updates=10),
-    "rp-sn": dict(policy_updates=10, critic_updates=10, policy_spectral_norm=True, model_spectral_norm=True),
-    "ddppo": dict(policy_updates=10, critic_updates=10),
-    "ddppo-sn": dict(policy_updates=10, critic_updates=10, policy_spectral_norm=True, model_spectral_norm=True),
-}
+# Algorithm layer: from the algorithm table (fastrp.algos.SPECS): 1 + 1 updates per env step for
+# SAC, 10 + 10 for the model-based algorithms (DDPPO Table 1), RP-PGM's spectral-norm flags.
+ALGO_PRESETS: Dict[str, Dict[str, object]] = {name: dict(spec.preset) for name, spec in SPECS.items()}
 
-SIZE_PRESETS: Dict[str, Dict[str, object]] = {
+# Size layer. Each size preset is a dict of entries: "" applies to every run, an algorithm name to
+# that algorithm, an env name to that env (applied in that order, so the env entry wins).
+SIZE_PRESETS: Dict[str, Dict[str, Dict[str, object]]] = {
     "paper": {},
-    "tiny": dict(hidden_dim=32, num_layers=2, batch_size=32, ensemble_size=3, num_elites=2, model_hidden_dim=32,
+    # A 2-core CPU: the model-based algorithms with 128-wide networks, 3 x 128 models refit every
+    # 1000 steps (capped at 30 epochs / 400 gradient steps, 64 FD queries and 10 neighbours per
+    # gradient-model step), 1 policy + 2 critic updates per env step at a policy learning rate of
+    # 1e-4, and the critic on real transitions (95 % data from the young models made it diverge);
+    # 20k steps (about 25 min for ddppo-sn on HalfCheetah). SAC keeps its own sizes (it is cheap).
+    # InvertedPendulum has its own tuned entry (10k steps in about 10 minutes).
+    "cpu": {
+        "": dict(steps=20_000, warmup_steps=2000, hidden_dim=128, model_hidden_dim=128, model_num_layers=3,
+                 policy_updates=1, critic_updates=2, actor_lr=1e-4, model_train_every=1000, model_max_epochs=30,
+                 model_max_steps=400, fd_batch_size=64, fd_k=10, real_ratio=1.0, rollout_batch_size=1000,
+                 eval_every=2000, eval_episodes=3),
+        "sac": dict(hidden_dim=256, policy_updates=1, critic_updates=1, actor_lr=3e-4),
+        # 64-wide networks, 3 x 64 models, 1 policy + 4 critic updates per step with 1e-3 critic /
+        # temperature learning rates, a faster target (tau 0.01) and a low initial temperature;
+        # policy learning rate 3e-4 (1e-3 reached 1000 as fast but kept falling back); model
+        # refits capped at 30 epochs / 200 steps, 64 FD queries per gradient-model step, half of
+        # each critic batch real (the critic leans less on the young model)
+        "InvertedPendulum": dict(steps=10_000, warmup_steps=200, fd_k=10, eval_every=1000, eval_episodes=5,
+                                 hidden_dim=64, model_hidden_dim=64, model_num_layers=3, policy_updates=1,
+                                 critic_updates=4, model_train_every=250, model_max_epochs=30, model_max_steps=200,
+                                 fd_batch_size=64, real_ratio=0.5, rollout_batch_size=10_000, tau=0.01,
+                                 actor_lr=3e-4, critic_lr=1e-3, alpha_lr=1e-3, init_alpha=0.1),
+    },
+    "tiny": {
+        "": dict(hidden_dim=32, num_layers=2, batch_size=32, ensemble_size=3, num_elites=2, model_hidden_dim=32,
                  model_num_layers=2, model_batch_size=64, model_train_every=50, model_max_epochs=3,
                  rollout_batch_size=64, policy_updates=1, critic_updates=1, fd_k=3, fd_window=500,
                  warmup_steps=50, log_every=50, eval_every=100, eval_episodes=2, checkpoint_every=100,
                  diag_states=64, diag_batch=8, diag_samples=4, diag_max_horizon=3, diag_transitions=16,
                  diag_rollout_steps=20),
+    },
 }
 
 
@@ -224,7 +253,16 @@ class CliError(Exception):
     """An invalid command line or config value (reported as one line, exit code 2)."""
 
 
+# argparse takes "-1e-3" for an option unless it looks like a negative number: widen the pattern to
+# every float spelling so that "--actor-lr -1e-3" reaches the range check ("must be > 0")
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER
+
     def error(self, message: str):  # one line on stderr, exit code 2, no usage dump
         raise CliError(message)
 
@@ -238,20 +276,40 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
 
 
+def _preset_notes(name: str) -> str:
+    """Every preset value of field ``name``, for ``--help``: ``algo sac/mbpo: 1; env Hopper: 2; ...``."""
+    parts: List[str] = []
+    by_value: Dict[str, List[str]] = {}
+    for algo, layer in ALGO_PRESETS.items():
+        if name in layer:
+            by_value.setdefault(repr(layer[name]), []).append(algo)
+    parts += [f"algo {'/'.join(algos)}: {value}" for value, algos in by_value.items()]
+    by_value = {}
+    for env, layer in ENV_PRESETS.items():
+        if name in layer:
+            by_value.setdefault(repr(layer[name]), []).append(env)
+    parts += [f"env {'/'.join(envs)}: {value}" for value, envs in by_value.items()]
+    for preset, entries in SIZE_PRESETS.items():
+        for key, layer in entries.items():
+            if name in layer:
+                parts.append(f"size {preset}{'/' + key if key else ''}: {layer[name]!r}")
+    return "; ".join(parts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """argparse parser with one ``--flag`` per :class:`Config` field; every default is None so that
     only the flags actually given override the presets."""
     parser = _Parser(prog="python -m fastrp.train", allow_abbrev=False,
                      description="Train SAC / MBPO / MAAC / RP-SN / DDPPO on MuJoCo. Values come from the Config "
-                                 "defaults, then the algorithm, env and size presets, then these flags.")
+                                 "defaults, then the algorithm, env and size presets, then these flags; the run's "
+                                 "config.json records where each value came from.")
     docs = _field_docs()
     defaults = Config()
-    preset_keys = {k for table in (ENV_PRESETS, ALGO_PRESETS, SIZE_PRESETS) for layer in table.values() for k in layer}
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        note = "; presets set it" if f.name in preset_keys else ""
-        help_text = f"{docs.get(f.name, '')} (default: {default!r}{note})"
+        notes = _preset_notes(f.name)
+        help_text = f"{docs.get(f.name, '')} (default: {default!r}{'; ' + notes if notes else ''})"
         kind = {"bool": bool, "int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
         kwargs = dict(default=None, help=help_text.replace("%", "%%"))
         if kind is bool:
@@ -261,92 +319,183 @@ def build_parser() -> argparse.ArgumentParser:
         elif f.name == "device":
             parser.add_argument(flag, choices=DEVICES, **kwargs)
         elif f.name == "preset":
-            parser.add_argument(flag, choices=tuple(SIZE_PRESETS), **kwargs)
+            parser.add_argument(flag, choices=PRESETS, **kwargs)
         else:
             parser.add_argument(flag, type=kind, **kwargs)
     return parser
 
 
-def resolve(overrides: Dict[str, object]) -> Config:
-    """Defaults <- algo preset <- env preset <- size preset <- ``overrides`` (non-None values)."""
-    from fastrp.envs import ENV_NAMES
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device (imports torch)."""
+    import torch
 
+    return torch.cuda.is_available()
+
+
+def auto_preset(device: str) -> Tuple[str, str]:
+    """The size preset ``--preset auto`` picks for ``device`` and why: ``paper`` when training on
+    CUDA, ``cpu`` otherwise."""
+    on_cuda = device == "cuda" or (device == "auto" and cuda_available())
+    if on_cuda:
+        return "paper", "training on CUDA"
+    return "cpu", "no CUDA device" if device == "auto" else "--device cpu"
+
+
+def preset_layers(env: str, algo: str, preset: str) -> List[Tuple[str, Dict[str, object]]]:
+    """The ``(source name, values)`` layers for ``env`` / ``algo`` / size ``preset`` (not auto), lowest first."""
+    layers: List[Tuple[str, Dict[str, object]]] = [(f"algo {algo}", ALGO_PRESETS[algo]), (f"env {env}", ENV_PRESETS[env])]
+    entries = SIZE_PRESETS[preset]
+    for key in ("", algo, env):
+        if key in entries:
+            layers.append((f"size {preset}" + (f" ({key})" if key else ""), entries[key]))
+    return layers
+
+
+def resolve_with_sources(overrides: Dict[str, object]) -> Tuple["Config", Dict[str, str]]:
+    """Defaults <- algo preset <- env preset <- size preset <- ``overrides`` (non-None values).
+
+    Returns the validated config and, per field, where its value came from: ``default``,
+    ``algo NAME``, ``env NAME``, ``size PRESET`` or ``size PRESET (ENTRY)``, or ``flag``; with
+    ``preset auto``, the ``preset`` field's source says which preset auto chose and why."""
     given = {k: v for k, v in overrides.items() if v is not None}
     env = str(given.get("env", Config.env))
     algo = str(given.get("algo", Config.algo))
     preset = str(given.get("preset", Config.preset))
+    device = str(given.get("device", Config.device))
     if env not in ENV_PRESETS:
         raise CliError(f"--env: unknown environment {env!r}; choose from {', '.join(ENV_NAMES)}")
     if algo not in ALGO_PRESETS:
         raise CliError(f"--algo: unknown algorithm {algo!r}; choose from {', '.join(ALGOS)}")
+    if preset not in PRESETS:
+        raise CliError(f"--preset: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    sources = {f.name: "default" for f in dataclasses.fields(Config)}
     values: Dict[str, object] = {}
-    for layer in (ALGO_PRESETS[algo], ENV_PRESETS[env], SIZE_PRESETS[preset], given):
+    preset_note = "flag" if "preset" in given else "default"
+    if preset == "auto":
+        preset, why = auto_preset(device)
+        preset_note = f"auto: {why}"
+    for source, layer in preset_layers(env, algo, preset) + [("flag", given)]:
         values.update(layer)
+        sources.update({k: source for k in layer})
+    values["preset"] = preset
+    sources["preset"] = preset_note
     cfg = Config(**values)
     validate(cfg)
-    return cfg
+    return cfg, sources
 
 
-def validate(cfg: Config) -> None:
-    """Raise :class:`CliError` naming the first invalid field."""
-    positive = ["steps", "eval_every", "eval_episodes", "log_every", "checkpoint_every", "max_bad_intervals",
-                "batch_size", "hidden_dim", "num_layers", "ensemble_size", "num_elites", "model_hidden_dim",
-                "model_batch_size", "model_train_every", "model_max_epochs", "model_patience",
-                "rollout_batch_size", "rollout_min_len", "rollout_max_len", "model_retain_epochs", "horizon",
-                "fd_k", "fd_window", "fd_batch_size", "cpu_threads", "diag_states", "diag_batch", "diag_max_horizon",
-                "diag_transitions", "diag_rollout_steps"]
-    for name in positive:
+def resolve(overrides: Dict[str, object]) -> "Config":
+    """The validated config of ``overrides`` (see :func:`resolve_with_sources`)."""
+    return resolve_with_sources(overrides)[0]
+
+
+_POSITIVE = ["steps", "eval_every", "eval_episodes", "log_every", "checkpoint_every", "max_bad_intervals",
+             "batch_size", "hidden_dim", "num_layers", "ensemble_size", "num_elites", "model_hidden_dim",
+             "model_batch_size", "model_train_every", "model_max_epochs", "model_patience",
+             "rollout_batch_size", "rollout_min_len", "rollout_max_len", "model_retain_epochs", "horizon",
+             "fd_k", "fd_window", "fd_batch_size", "cpu_threads", "diag_states", "diag_batch", "diag_max_horizon",
+             "diag_transitions", "diag_rollout_steps"]
+_NONNEG = ["warmup_steps", "seed", "policy_updates", "critic_updates", "model_num_layers", "model_max_steps",
+           "diag_every", "rollout_min_epoch", "rollout_max_epoch"]
+# sizes beyond these cannot run on any machine fastrp targets (or overflow the RNG / index types)
+_UPPER = {"steps": 10 ** 9, "warmup_steps": 10 ** 9, "eval_every": 10 ** 9, "eval_episodes": 10_000,
+          "log_every": 10 ** 9, "checkpoint_every": 10 ** 9, "max_bad_intervals": 10 ** 6, "batch_size": 1 << 20,
+          "hidden_dim": 1 << 14, "num_layers": 64, "policy_updates": 10_000, "critic_updates": 10_000,
+          "ensemble_size": 1024, "num_elites": 1024, "model_hidden_dim": 1 << 14, "model_num_layers": 64,
+          "model_batch_size": 1 << 20, "model_train_every": 10 ** 9, "model_max_epochs": 10 ** 6,
+          "model_max_steps": 10 ** 9, "model_patience": 10 ** 6, "rollout_batch_size": 1 << 24,
+          "rollout_min_len": 10_000, "rollout_max_len": 10_000, "rollout_min_epoch": 10 ** 6,
+          "rollout_max_epoch": 10 ** 6, "model_retain_epochs": 10_000, "horizon": 10_000, "fd_k": 4096,
+          "fd_window": 10 ** 8, "fd_batch_size": 1 << 20, "diag_every": 10 ** 9, "diag_states": 1 << 20,
+          "diag_batch": 1 << 20, "diag_samples": 1 << 20, "diag_max_horizon": 10_000, "diag_transitions": 1 << 20,
+          "diag_rollout_steps": 10 ** 7, "seed": MAX_SEED}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def validate(cfg: "Config") -> None:
+    """Raise :class:`CliError` naming the first invalid field (and what it must be)."""
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        if kind == "float" and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise CliError(f"{_flag(f.name)}: must be a finite number, got {value!r}")
+    for name in _POSITIVE:
         if getattr(cfg, name) < 1:
-            raise CliError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(cfg, name)}")
-    nonneg = ["warmup_steps", "seed", "policy_updates", "critic_updates", "model_num_layers", "model_max_steps", "diag_every"]
-    for name in nonneg:
+            raise CliError(f"{_flag(name)}: must be >= 1, got {getattr(cfg, name)}")
+    for name in _NONNEG:
         if getattr(cfg, name) < 0:
-            raise CliError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(cfg, name)}")
+            raise CliError(f"{_flag(name)}: must be >= 0, got {getattr(cfg, name)}")
+    for name, top in _UPPER.items():
+        if getattr(cfg, name) > top:
+            raise CliError(f"{_flag(name)}: must be <= {top}, got {getattr(cfg, name)}")
     for name in ("actor_lr", "critic_lr", "alpha_lr", "model_lr", "init_alpha", "tau"):
         if not getattr(cfg, name) > 0:
-            raise CliError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(cfg, name)}")
+            raise CliError(f"{_flag(name)}: must be > 0, got {getattr(cfg, name)}")
+    cores = os.cpu_count() or 1
+    name_ok = cfg.run_name == "" or (os.path.basename(cfg.run_name) == cfg.run_name and cfg.run_name not in (".", "..")
+                                     and "/" not in cfg.run_name and "\\" not in cfg.run_name)
     checks = [
-        (0 < cfg.gamma <= 1, "--gamma: must be in (0, 1]"),
-        (cfg.tau <= 1, "--tau: must be in (0, 1]"),
-        (0 <= cfg.real_ratio <= 1, "--real-ratio: must be in [0, 1]"),
-        (0 < cfg.model_holdout < 1, "--model-holdout: must be in (0, 1)"),
-        (cfg.fd_weight >= 0, "--fd-weight: must be >= 0"),
+        (0 < cfg.gamma <= 1, f"--gamma: must be in (0, 1], got {cfg.gamma}"),
+        (cfg.tau <= 1, f"--tau: must be in (0, 1], got {cfg.tau}"),
+        (0 <= cfg.real_ratio <= 1, f"--real-ratio: must be in [0, 1], got {cfg.real_ratio}"),
+        (0 < cfg.model_holdout < 1, f"--model-holdout: must be in (0, 1), got {cfg.model_holdout}"),
+        (cfg.fd_weight >= 0, f"--fd-weight: must be >= 0, got {cfg.fd_weight}"),
+        (cfg.target_entropy_scale >= 0, f"--target-entropy-scale: must be >= 0, got {cfg.target_entropy_scale}"),
+        (cfg.checkpoint_minutes >= 0, f"--checkpoint-minutes: must be >= 0, got {cfg.checkpoint_minutes}"),
         (cfg.num_elites <= cfg.ensemble_size, "--num-elites: must be <= --ensemble-size"),
         (cfg.rollout_min_len <= cfg.rollout_max_len, "--rollout-min-len: must be <= --rollout-max-len"),
         (cfg.rollout_min_epoch <= cfg.rollout_max_epoch, "--rollout-min-epoch: must be <= --rollout-max-epoch"),
-        (cfg.eval_every % cfg.log_every == 0, "--eval-every: must be a multiple of --log-every"),
-        (cfg.checkpoint_every % cfg.log_every == 0, "--checkpoint-every: must be a multiple of --log-every"),
+        (cfg.cpu_threads <= cores, f"--cpu-threads: must be <= {cores} (the CPU cores here), got {cfg.cpu_threads}"),
         (not cfg.cuda_graphs or cfg.compile, "--cuda-graphs: needs --compile"),
         (cfg.diag_samples >= 2, f"--diag-samples: must be >= 2 (a sample variance), got {cfg.diag_samples}"),
         (cfg.device in DEVICES, f"--device: choose from {', '.join(DEVICES)}"),
+        (cfg.preset in PRESETS, f"--preset: choose from {', '.join(PRESETS)}"),
+        (name_ok, f"--run-name: must be a plain directory name inside --logdir (no '/', '..'), got {cfg.run_name!r}"),
     ]
     for ok, message in checks:
         if not ok:
             raise CliError(message)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> Config:
+def parse_args(argv: Optional[Sequence[str]] = None) -> "Config":
     """The resolved :class:`Config` for ``argv`` (``sys.argv[1:]`` when None); raises
     :class:`CliError` on an unknown flag or an invalid value."""
+    return parse_args_with_sources(argv)[0]
+
+
+def parse_args_with_sources(argv: Optional[Sequence[str]] = None) -> Tuple["Config", Dict[str, str]]:
+    """:func:`parse_args` plus where each value came from (:func:`resolve_with_sources`)."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    return resolve(vars(args))
+    return resolve_with_sources(vars(args))
 
 
 # Fields added after the first release, with the value that reproduces how runs without them
 # behaved (checkpoints of such runs hold a config without these keys).
-_LEGACY_DEFAULTS: Dict[str, object] = {"obs_norm": False, "model_max_steps": 0, "diag_every": 0}
+_LEGACY_DEFAULTS: Dict[str, object] = {"obs_norm": False, "model_max_steps": 0, "diag_every": 0,
+                                       "checkpoint_minutes": 0.0}
+# Fields that no longer exist (ignored when an old config is read): the trainer's fault-injection
+# flag moved into the tests.
+_REMOVED_FIELDS = ("fault_nan_at",)
+_METADATA_KEYS = ("sources",)
+"""Keys of ``config.json`` that are not config fields."""
 
 RESUME_FIXED = ("env", "algo", "seed", "preset", "obs_norm", "hidden_dim", "num_layers", "ensemble_size",
                 "num_elites", "model_hidden_dim", "model_num_layers", "policy_spectral_norm", "model_spectral_norm")
 """Fields a resumed run cannot change: they decide which networks the checkpoint holds."""
 
 
-def config_from_checkpoint(values: Dict[str, object]) -> Config:
-    """The :class:`Config` of a checkpoint's ``config`` dict. Fields the writing version did not
-    have get the value that reproduces its behaviour (e.g. no observation normalisation, the FD
-    query batch equal to ``model_batch_size``), not today's defaults; unknown keys (from a newer
-    version) raise :class:`CliError`."""
-    values = dict(values)
+def config_from_checkpoint(values: Dict[str, object]) -> "Config":
+    """The :class:`Config` of a checkpoint's ``config`` dict (or a ``config.json``). Fields the
+    writing version did not have get the value that reproduces its behaviour (e.g. no
+    observation normalisation, the FD query batch equal to ``model_batch_size``), not today's
+    defaults; fields that no longer exist and ``config.json``'s ``sources`` are dropped; unknown
+    keys (from a newer version) raise :class:`CliError`."""
+    if not isinstance(values, dict):
+        raise CliError(f"the config is not a mapping of fields (got {type(values).__name__})")
+    values = {k: v for k, v in values.items() if k not in _REMOVED_FIELDS + _METADATA_KEYS}
     known = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(values) - known)
     if unknown:

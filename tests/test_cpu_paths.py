@@ -160,7 +160,8 @@ def test_policy_update_leaves_model_state_alone():
 
     before = model_state()
     weights = [p.clone() for p in agent.policy.parameters()]
-    agent.actor_step(torch.randn(8, 4))
+    with agent.policy_update_mode():
+        agent.policy_update(torch.randn(8, 4))
     after = model_state()
     for k, v in before.items():
         torch.testing.assert_close(after[k], v)  # weights and spectral-norm vectors untouched

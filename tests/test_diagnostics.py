@@ -4,7 +4,6 @@ resume, no effect on training) and the ``python -m fastrp.diagnostics`` command 
 import csv
 import math
 import random
-import types
 import weakref
 
 import numpy as np
@@ -484,10 +483,9 @@ def test_hook_keeps_the_rows_of_the_kind_that_worked(runs, tmp_path, monkeypatch
 
     monkeypatch.setattr(run_mod, f"{failing}_rows", broken)
     hook = TrainingDiagnostics(run.cfg, str(tmp_path))
-    trainer = types.SimpleNamespace(step=run.step, agent=run.agent, buffer=run.buffer, logger=None)
     with pytest.warns(UserWarning, match=f"{failing} diagnostics at env step {run.step} failed and were skipped: "
                                          f"RuntimeError: boom"):
-        rows = hook(trainer)
+        rows = hook(run.agent, run.buffer, run.step, run.step - run.cfg.log_every)
     assert {r["kind"] for r in rows} == {"variance", "jacobian"} - {failing}
     assert _rows(tmp_path / DIAG_CSV) == expected  # the other kind's rows are written, as in training
 
@@ -591,12 +589,13 @@ def test_config_checks_diagnostics_fields():
 def test_hook_runs_at_the_first_log_row_at_or_past_each_multiple(tmp_path):
     cfg = Config(algo="maac", diag_every=1500, log_every=1000, warmup_steps=2500, steps=10_500)
     hook = TrainingDiagnostics(cfg, str(tmp_path))
-    assert [s for s in range(0, 10_001, 1000) if hook.due(s)] == [3000, 5000, 6000, 8000, 9000]  # 2000 < warm-up
-    assert hook.due(10_500)  # the last log row (not a multiple of log_every) crosses 10500
+    assert [s for s in range(0, 10_001, 1000) if hook.due(s, s - 1000)] == [3000, 5000, 6000, 8000, 9000]  # 2000 < warm-up
+    assert hook.due(10_500, 10_000)  # the last log row (not a multiple of log_every) crosses 10500
+    assert hook.due(4600, 4400) and not hook.due(4400, 4200)  # an evaluation row between log rows
     assert not TrainingDiagnostics(Config(algo="maac", diag_every=1500, log_every=1000, warmup_steps=0),
-                                   str(tmp_path)).due(2500)  # the span 2000..2500 crosses no multiple
-    assert not TrainingDiagnostics(Config(algo="sac", diag_every=1000), str(tmp_path)).due(5000)
-    assert not TrainingDiagnostics(Config(algo="maac", diag_every=0), str(tmp_path)).due(5000)
+                                   str(tmp_path)).due(2500, 2000)  # the span 2000..2500 crosses no multiple
+    assert not TrainingDiagnostics(Config(algo="sac", diag_every=1000), str(tmp_path)).due(5000, 4000)
+    assert not TrainingDiagnostics(Config(algo="maac", diag_every=0), str(tmp_path)).due(5000, 4000)
 
 
 def test_unreadable_or_foreign_checkpoints_exit_2(runs, tmp_path, capsys):

@@ -11,7 +11,8 @@ from fastrp.envs import termination_fn as env_termination_fn
 from fastrp.nn.critic import TwinQ
 from fastrp.nn.model import ProbabilisticEnsemble
 from fastrp.nn.policy import TanhGaussianPolicy
-from fastrp.rl.unroll import imagined_objective, model_rollout
+from fastrp.algos.losses import imagined_objective
+from fastrp.rl.unroll import model_rollout
 
 OBS, ACT = 3, 2
 

@@ -34,7 +34,6 @@ import fastrp.config
 from fastrp.config import Config
 from fastrp.diagnostics.jacobian import collect_transitions, ensemble_jacobian_errors, state_columns
 from fastrp.diagnostics.variance import frozen_modules, rp_gradient_variance
-from fastrp.envs import dynamics_jacobians, make, termination_fn
 from fastrp.rl import checkpoint as ckpt
 from fastrp.rl.buffer import ReplayBuffer
 from fastrp.rl.logger import _fmt, truncate_csv
@@ -123,12 +122,12 @@ class Settings:
 def supports_variance(agent) -> bool:
     """True for the RP algorithms (``maac``, ``rp-sn``, ``ddppo``, ``ddppo-sn``): a model-based
     policy objective to differentiate."""
-    return hasattr(agent, "model") and hasattr(agent, "gradient_model")
+    return getattr(agent, "model", None) is not None and agent.spec.policy_objective == "imagined"
 
 
 def supports_jacobian(agent) -> bool:
     """True for every algorithm with a learned dynamics model (all but ``sac``)."""
-    return hasattr(agent, "model")
+    return getattr(agent, "model", None) is not None
 
 
 def diag_seed(seed: int, step: int, stream: int) -> int:
@@ -239,6 +238,8 @@ def load_run(run_dir: str, device: Optional[str] = None) -> LoadedRun:
         step = int(state["step"])
     except Exception as err:  # a torn or foreign file: one line, no traceback
         raise RunError(f"{path}: cannot read the checkpoint ({type(err).__name__}: {err})") from None
+    from fastrp.envs import make, termination_fn
+
     dev, note = measurement_device(trained_device(cfg.device, state), device)
     cfg = dataclasses.replace(cfg, device=str(dev), compile=False, cuda_graphs=False, resume="")
     env = make(cfg.env, 1, seed=cfg.seed)
@@ -289,7 +290,7 @@ def variance_rows(agent, buffer: ReplayBuffer, cfg: Config, step: int, settings:
     gen.manual_seed(diag_seed(base, step, POOL_STREAM))
     idx = torch.randperm(len(buffer), generator=gen, device=buffer.device)[: settings.states]
     pool = buffer.gather(idx).obs
-    grad_model = agent.gradient_model()
+    grad_model = agent.grad_model
     stats = rp_gradient_variance(agent.policy, agent.model, agent.critic, pool,
                                  range(settings.min_horizon, settings.max_horizon + 1), gamma=cfg.gamma,
                                  alpha=agent.alpha, termination_fn=agent.termination, grad_model=grad_model,
@@ -315,6 +316,8 @@ def jacobian_rows(agent, cfg: Config, step: int, settings: Settings, seed: Optio
     if not supports_jacobian(agent):
         raise RunError(f"algorithm {cfg.algo!r} has no dynamics model: the jacobian diagnostic needs mbpo, maac, "
                        f"rp-sn, ddppo or ddppo-sn")
+    from fastrp.envs import dynamics_jacobians, make
+
     settings.validate()
     base = cfg.seed if seed is None else seed
     s = diag_seed(base, step, JACOBIAN_STREAM)
@@ -327,7 +330,7 @@ def jacobian_rows(agent, cfg: Config, step: int, settings: Settings, seed: Optio
     env = make(cfg.env, n_envs, seed=env_seed, num_threads=1)
     try:
         env.reset(seed=env_seed)
-        grad_model = agent.gradient_model() if hasattr(agent, "gradient_model") else None
+        grad_model = agent.grad_model
         models = [("prediction", agent.model)] + ([("gradient", grad_model)] if grad_model is not None else [])
         with frozen_modules([agent.policy, agent.model, grad_model]):
             held = collect_transitions(env, agent.policy, settings.transitions, settings.rollout_steps, gen, rng,
@@ -376,7 +379,7 @@ def append_rows(path: str, rows: Sequence[Dict[str, object]], columns: Sequence[
 
 
 class TrainingDiagnostics:
-    """The trainer's hook (``Trainer._log`` calls it after a log row).
+    """The trainer's hook (called after each metrics row).
 
     Active when ``cfg.diag_every > 0`` and the algorithm has a model: at the first log row at or
     past each multiple of ``diag_every`` (:meth:`due`) and at least ``warmup_steps`` (the model
@@ -406,24 +409,24 @@ class TrainingDiagnostics:
             with open(self.path, "w", newline="") as fh:
                 csv.DictWriter(fh, COLUMNS).writeheader()
 
-    def due(self, step: int) -> bool:
-        """Whether a pass runs at the log row of env step ``step``: the span since the previous log
-        row (``step - (step % log_every or log_every)``, as the trainer computes it) crosses a
-        multiple of ``diag_every``, and ``step >= warmup_steps``."""
+    def due(self, step: int, previous: int) -> bool:
+        """Whether a pass runs at the metrics row of env step ``step`` whose previous row was at
+        ``previous``: the span ``(previous, step]`` crosses a multiple of ``diag_every``, and
+        ``step >= warmup_steps``."""
         if not self.active or step < self.cfg.warmup_steps or step <= 0:
             return False
-        every, log_every = self.cfg.diag_every, self.cfg.log_every
-        previous = step - (step % log_every or log_every)
+        every = self.cfg.diag_every
         return step // every > max(previous, 0) // every
 
-    def __call__(self, trainer) -> List[Dict[str, object]]:
-        """Measure ``trainer.agent`` at ``trainer.step`` if due; returns the rows written."""
-        step = trainer.step
-        if not self.due(step):
+    def __call__(self, agent, buffer: ReplayBuffer, step: int, previous: int, tb=None) -> List[Dict[str, object]]:
+        """Measure ``agent`` (with start states from ``buffer``) at the row of env step ``step``
+        (previous row at ``previous``) if due; mirror the rows to the TensorBoard writer ``tb``
+        when given; returns the rows written."""
+        if not self.due(step, previous):
             return []
-        agent, cfg = trainer.agent, self.cfg
+        cfg = self.cfg
         rows: List[Dict[str, object]] = []
-        kinds = (("variance", supports_variance(agent), lambda: variance_rows(agent, trainer.buffer, cfg, step,
+        kinds = (("variance", supports_variance(agent), lambda: variance_rows(agent, buffer, cfg, step,
                                                                                 self.settings)),
                  ("jacobian", supports_jacobian(agent), lambda: jacobian_rows(agent, cfg, step, self.settings)))
         for kind, supported, measure in kinds:
@@ -437,7 +440,6 @@ class TrainingDiagnostics:
                               f"{type(err).__name__}: {err}", stacklevel=2)
                 continue
             rows += kind_rows
-        tb = getattr(getattr(trainer, "logger", None), "tb", None)
         if tb is not None:
             for row in rows:
                 if row["kind"] == "variance":

@@ -2,7 +2,7 @@
 
 The quantity: for a fixed pool of real start states, draw ``num_samples`` independent minibatches
 of ``batch_size`` states from the pool and compute, from scratch each time, the gradient ``g_i``
-of the policy objective (:func:`fastrp.rl.unroll.imagined_objective`: H steps through the model,
+of the policy objective (:func:`fastrp.algos.losses.imagined_objective`: H steps through the model,
 terminal min-Q) with respect to the policy parameters. Report
 
 * ``trace_cov = sum_p Var_i(g_i[p])`` - the trace of the covariance matrix of the minibatch
@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
 import torch
 
 from fastrp.algos.common import frozen_modules
-from fastrp.rl.unroll import imagined_objective
+from fastrp.algos.losses import imagined_objective
 
 __all__ = ["GradientStats", "flat_gradient", "gradient_covariance_trace", "rp_gradient_stats", "rp_gradient_variance",
            "frozen_modules"]
@@ -121,7 +121,7 @@ def rp_gradient_stats(
     For each ``H``: a ``torch.Generator`` seeded with ``seed`` (the same for every H, so all
     lengths see the same minibatches: common random numbers) draws ``num_samples`` minibatches of
     ``batch_size`` rows of ``start_states`` (uniform, with replacement) and drives the policy
-    noise and the per-sample elite choice of :func:`fastrp.rl.unroll.imagined_objective`; each
+    noise and the per-sample elite choice of :func:`fastrp.algos.losses.imagined_objective`; each
     minibatch loss is differentiated on its own with :func:`flat_gradient` w.r.t. the policy
     parameters, and :func:`gradient_covariance_trace` summarises the samples. With ``grad_model``
     (DDPPO) values come from ``model`` and gradients flow through ``grad_model``, as in training.
@@ -139,7 +139,7 @@ def rp_gradient_stats(
     Args:
         policy: ``policy(obs, noise=...) -> (action, log_prob)`` module with ``act_dim`` (e.g.
             ``TanhGaussianPolicy``).
-        model: prediction model as :func:`~fastrp.rl.unroll.imagined_objective` uses it
+        model: prediction model as :func:`~fastrp.algos.losses.imagined_objective` uses it
             (:class:`~fastrp.nn.model.ProbabilisticEnsemble`: ``predict``, ``sample_elites``,
             ``obs_dim``, ``out_dim``, ``learn_reward``, ``ensemble_size``), a ``torch.nn.Module``.
         critic: module with ``min_q(obs, action) -> [B]`` (e.g. ``TwinQ``).

@@ -5,13 +5,14 @@
   tangent path (``forward_jvp``).
 * :class:`TanhGaussianPolicy`, :class:`TwinQ` - actor and twin critic on the fused ops.
 * :class:`ProbabilisticEnsemble` - Gaussian ensemble dynamics model (prediction or DDPPO gradient
-  model), with :func:`fd_gradient_loss`; :class:`RunningNormalizer` for input statistics.
+  model; trained by :class:`fastrp.rl.model_fit.ModelFitter`); :class:`RunningNormalizer` for
+  input statistics.
 """
 
 from .critic import TwinQ
 from .ensemble import EnsembleMLP
-from .model import ProbabilisticEnsemble, fd_gradient_loss
+from .model import ProbabilisticEnsemble
 from .normalizer import RunningNormalizer
 from .policy import TanhGaussianPolicy
 
-__all__ = ["EnsembleMLP", "TanhGaussianPolicy", "TwinQ", "ProbabilisticEnsemble", "fd_gradient_loss", "RunningNormalizer"]
+__all__ = ["EnsembleMLP", "TanhGaussianPolicy", "TwinQ", "ProbabilisticEnsemble", "RunningNormalizer"]

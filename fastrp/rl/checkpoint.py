@@ -14,13 +14,19 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 def save_atomic(obj: Any, path: str) -> None:
     """``torch.save`` to ``path + ".tmp"``, flush it to disk, then ``os.replace`` onto ``path``: a
-    crash at any moment leaves either the previous checkpoint or the new one, never a torn file."""
+    crash at any moment leaves either the previous checkpoint or the new one, never a torn file;
+    a failed write removes its temporary file."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # disk full, read-only directory, interrupt: no partial file is left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load(path: str) -> Dict[str, Any]:
