@@ -568,3 +568,18 @@ def test_cuda_second_device():
     got = ensemble_mlp(x.to(dev), [w.to(dev) for w in weights], [b.to(dev) for b in biases],
                        [s.to(dev) for s in scales], backend="triton")
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backends("torch", "triton"))
+def test_relu_propagates_nan(backend):
+    """A NaN pre-activation stays NaN through ReLU (as torch.relu), instead of becoming 0 and
+    hiding a diverged input; the other rows are unaffected."""
+    weights, biases, _ = make_params(2, [3, 4, 2], bias="all", scale="none")
+    x = torch.randn(2, 5, 3)
+    x[1, 2, 0] = float("nan")
+    y = ensemble_mlp(x, weights, biases, None, "relu", backend=backend)
+    assert torch.isnan(y[1, 2]).all()
+    nan_rows = torch.zeros(2, 5, dtype=torch.bool)
+    nan_rows[1, 2] = True
+    assert torch.isfinite(y[~nan_rows]).all()
+    torch.testing.assert_close(y, ensemble_mlp_ref(x, weights, biases, None, "relu"), equal_nan=True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _common
 from ._common import (
@@ -281,6 +282,7 @@ class _EnsembleMLPFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y):
         L, activation, impl, precision = ctx.spec
         x, seg, *rest = ctx.saved_tensors
