@@ -145,8 +145,7 @@ def _mlp_bwd_data_kernel(
         rmask = rows < row_end
         dty = g_ptr.dtype.element_ty
         # layer 0 writes dx: skipped (L - 1 layers) when x needs no gradient
-        for li in tl.static_range(NUM_LAYERS - 1 + NEED_DX):
-            l = NUM_LAYERS - 1 - li
+        for l in tl.static_range(NUM_LAYERS - 1, -NEED_DX, -1):
             w_base = Ws[l] + e * (DIMS[l] * DIMS[l + 1])
             if l == NUM_LAYERS - 1:
                 src = g_ptr
