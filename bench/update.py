@@ -301,6 +301,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny preset, small buffer, 2 repeats (seconds)")
     parser.add_argument("--json", default=None, help="write the results to this path")
+    parser.add_argument("--counters", action="store_true",
+                        help="print torch.compile's inductor / cudagraph / graph-break counters after the run")
     parser.add_argument("--synthetic", action="store_true",
                         help="synthetic transitions instead of HalfCheetah (the default without mujoco/gymnasium)")
     args = parser.parse_args(argv)
@@ -336,10 +338,17 @@ def main(argv=None) -> int:
     print(report(results, cfg.model_train_every))
     print(f"\nupdate = critic + policy + (model + grad_model) / {cfg.model_train_every}; median over "
           f"{args.repeats} repeats (p20-p80); phase columns are medians of one occurrence.")
+    counters = {}
+    if args.counters:
+        from torch._dynamo.utils import counters as dynamo_counters
+
+        counters = {k: dict(dynamo_counters[k]) for k in ("inductor", "graph_break", "stats") if dynamo_counters[k]}
+        for k, v in counters.items():  # a skipped CUDA graph shows as inductor cudagraph_skips
+            print(f"counters {k}: {v}")
     if args.json:
         out = [{"provider": name, **r} for name, r in results.items()]
         common.write_json(args.json, device, out, algo=ALGO, env=ENV, preset=args.preset, fill=args.fill,
-                          transitions=transitions,
+                          transitions=transitions, counters=counters,
                           repeats=args.repeats, model_max_epochs=cfg.model_max_epochs,
                           model_train_every=cfg.model_train_every, critic_updates=cfg.critic_updates,
                           policy_updates=cfg.policy_updates, batch_size=cfg.batch_size, horizon=cfg.horizon)

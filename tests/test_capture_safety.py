@@ -150,3 +150,43 @@ def test_ensemble_module_reads_nothing_back(as_on_gpu, training):
         torch.autograd.grad(y.sum() + y_j.sum() + jy.sum(), list(net.parameters()))
         torch.autograd.grad(net(x2, members=members).sum(), list(net.parameters()))
     assert torch.isfinite(y).all() and torch.isfinite(jy).all()
+
+
+@pytest.mark.cuda
+def test_cuda_ops_do_not_sync():
+    """On a GPU, every op's forward and backward under torch.cuda.set_sync_debug_mode("error")
+    (after a warm-up call that compiles the kernels and caches their small tables)."""
+    dev = torch.device("cuda")
+    ws, bs, ss = _mlp_problem()
+    ws = [w.detach().to(dev).requires_grad_() for w in ws]
+    bs = [b.detach().to(dev).requires_grad_() for b in bs]
+    ss = [None if s is None else s.to(dev) for s in ss]
+    x = torch.randn(3, 5, 4, device=dev, requires_grad=True)
+    xg, members = torch.randn(7, 4, device=dev, requires_grad=True), torch.tensor([2, 0, 2, 2, 0, 2, 0], device=dev)
+    t = torch.randn(3, 5, 2, 4, device=dev)
+    vs = [torch.nn.functional.normalize(torch.randn(3, w.shape[1], device=dev), dim=1) for w in ws]
+    q, p = torch.randn(64, 3, device=dev), torch.randn(256, 3, device=dev)
+
+    def calls():
+        out = []
+        for backend in ("triton", "torch"):
+            y = ops.ensemble_mlp(x, ws, bs, ss, members=None, backend=backend)
+            out += torch.autograd.grad(y.sum(), [x] + ws)
+            y = ops.ensemble_mlp(xg, ws, bs, ss, members=members, backend=backend)
+            out += torch.autograd.grad(y.sum(), [xg] + ws)
+            y, jy = ops.ensemble_mlp_jvp(x, t, ws, bs, ss, backend=backend)
+            out += torch.autograd.grad(y.sum() + jy.sum(), [x] + ws)
+            sigmas, _, _ = ops.spectral_norm_layers(ws, vs, 1, backend=backend)
+            out += torch.autograd.grad(sum(s.sum() for s in sigmas), ws)
+        out += ops.knn(q, p, 4, torch.arange(64, device=dev))
+        return out
+
+    want = calls()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = calls()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
