@@ -85,7 +85,9 @@ def _check_knn_args(queries, points, k, exclude) -> int:
     if exclude is not None:
         check_tensor("exclude", exclude, shape=(queries.shape[0],), dtypes=(torch.int64,), device=queries.device,
                      what="[Q] int64 point indices (-1: nothing to skip)")
-    if _common.device_side(queries) or not value_checks_allowed(queries):
+    if not _common.device_side(queries) and not value_checks_allowed(queries):
+        return k  # CPU under torch.compile: unchecked, as documented
+    if _common.device_side(queries):
         # no host read (a sync on CUDA, illegal in graph capture): device-side asserts
         torch._assert_async(torch.isfinite(queries).all(), "queries must be finite (no NaN or inf entries)")
         torch._assert_async(torch.isfinite(points).all(), "points must be finite (no NaN or inf entries)")
@@ -237,7 +239,9 @@ def _check_fd_args(inputs, outputs, query_idx, k, scale) -> int:
     if scale is not None:
         check_tensor("scale", scale, shape=(width,), dtypes=(inputs.dtype,), device=inputs.device,
                      what="[i] positive per-column scale of inputs")
-    if _common.device_side(inputs) or not value_checks_allowed(inputs):
+    if not _common.device_side(inputs) and not value_checks_allowed(inputs):
+        return k
+    if _common.device_side(inputs):
         torch._assert_async(torch.isfinite(inputs).all(), "inputs must be finite (no NaN or inf entries)")
         if scale is not None:
             torch._assert_async(((scale > 0) & torch.isfinite(scale)).all(), "scale entries must be positive and finite")
