@@ -29,7 +29,7 @@ Providers, on the same inputs and the same weights, in one process:
                         :class:`fastrp.nn.ensemble.EnsembleMLP` with ``members=`` (only the chosen
                         member is computed), :class:`fastrp.nn.critic.TwinQ`
 * ``fastrp-cudagraph``  the same, forward and backward captured in one CUDA graph (CUDA)
-* ``trainer``           the trainer's own policy objective, ``DDPPO.actor_objective`` of a
+* ``trainer``           the trainer's own policy objective, ``Agent.policy_loss`` of a
                         ``ddppo-sn`` agent with HalfCheetah's paper preset (the same network sizes)
                         at this H and B: :func:`fastrp.rl.unroll.imagined_objective` with the
                         observation normaliser, the prediction ensemble (mean and log-variance
@@ -66,7 +66,6 @@ from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-from fastrp.envs import termination_fn  # noqa: E402
 
 OBS_DIM, ACT_DIM = 17, 6  # HalfCheetah-v5
 POLICY_HIDDEN, POLICY_LAYERS = 256, 2
@@ -85,15 +84,28 @@ LOSS_RTOL, GRAD_RTOL = 1e-3, 1e-2
 # --------------------------------------------------------------------------------------------
 # The unroll, shared by every provider: only the three networks differ.
 # --------------------------------------------------------------------------------------------
-_HOPPER_TERMINATED = termination_fn("Hopper")
 _HOPPER_OBS = 11
+
+
+def termination_fn(name: str):
+    """``fastrp.envs.termination_fn``, imported on first use (the rest of the benchmark imports
+    without the simulator packages)."""
+    from fastrp.envs import termination_fn as make
+
+    return make(name)
 
 
 def healthy_mask(s: torch.Tensor) -> torch.Tensor:
     """1.0 where Hopper-v5's termination rule (``fastrp.envs.termination_fn("Hopper")``: height,
     angle and state ranges) applied to the first 11 state dims keeps the episode alive, else 0.0."""
+    global _HOPPER_TERMINATED
+    if _HOPPER_TERMINATED is None:
+        _HOPPER_TERMINATED = termination_fn("Hopper")
     head = s[:, :_HOPPER_OBS]
     return (~_HOPPER_TERMINATED(head, None, head)).to(s.dtype)
+
+
+_HOPPER_TERMINATED = None
 
 
 def _no_range(name: str):

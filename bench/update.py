@@ -19,8 +19,8 @@ prediction model and gradients from the gradient model).  The phases, each its o
                   ``rollout_batch_size`` start states into the model buffer
 * ``grad_model``  ``guarded_fit`` of the gradient ensemble (NLL + ``fd_weight`` x directional-
                   derivative loss; kNN over the last ``fd_window`` transitions, forward-mode JVPs)
-* ``critic``      ``critic_updates`` x ``agent._critic_step`` (compiled under ``--compile``, as the policy step)
-* ``policy``      ``policy_updates`` x ``agent._actor_step`` (the unroll, forward + backward)
+* ``critic``      ``critic_updates`` x ``agent._critic_update`` (compiled under ``--compile``, as the policy step)
+* ``policy``      ``policy_updates`` x ``agent._policy_update`` (the unroll, forward + backward)
 
 The two refits happen once per ``model_train_every`` env steps, so one update costs
 ``critic + policy + (model + grad_model) / model_train_every``; that amortised sum is the "update"
@@ -42,7 +42,10 @@ Providers, in one process, each with its own agent (same seed, same replay buffe
                         with ``mode="reduce-overhead"``; CUDA only)
 
 The replay buffer holds ``--fill`` real HalfCheetah transitions from ``fastrp.envs`` with uniform
-random actions (as the trainer's warm-up).  On CPU the providers' repeats are interleaved
+random actions (as the trainer's warm-up).  Without the simulator (no mujoco / gymnasium, as on the
+GPU machine) or with ``--synthetic``, it holds synthetic transitions of HalfCheetah's sizes instead
+(smooth random dynamics, see :func:`synthetic_buffer`): the update's work is the same, only the
+fitted models differ; the JSON records which (``transitions``).  On CPU the providers' repeats are interleaved
 round-robin.  A provider that fails prints its error in its row; the others still run.
 """
 
@@ -65,7 +68,6 @@ import common  # noqa: E402
 import fastrp.rl.model_fit as fastrp_model_fit  # noqa: E402
 from fastrp import algos  # noqa: E402
 from fastrp.config import resolve  # noqa: E402
-from fastrp.envs import make, termination_fn  # noqa: E402
 from fastrp.nn.ensemble import EnsembleMLP  # noqa: E402
 from fastrp.rl.buffer import ReplayBuffer  # noqa: E402
 from fastrp.rl.model_fit import FDTerm, guarded_fit  # noqa: E402
@@ -79,8 +81,55 @@ PHASES = ("model", "grad_model", "critic", "policy")
 # --------------------------------------------------------------------------------------------
 # Data and agents
 # --------------------------------------------------------------------------------------------
-def fill_buffer(n: int, device: torch.device, seed: int) -> ReplayBuffer:
-    """``n`` HalfCheetah transitions with uniform random actions (one env, as the warm-up)."""
+OBS_DIM, ACT_DIM = 17, 6  # HalfCheetah-v5
+
+
+def simulator():
+    """``fastrp.envs`` when the simulator packages import, else None."""
+    try:
+        import fastrp.envs as envs
+    except ImportError:
+        return None
+    return envs
+
+
+def env_spec(synthetic: bool):
+    """``(obs_dim, act_dim, action low, action high, termination fn)`` of HalfCheetah."""
+    envs = None if synthetic else simulator()
+    if envs is None:  # HalfCheetah never terminates
+        return OBS_DIM, ACT_DIM, -np.ones(ACT_DIM), np.ones(ACT_DIM), \
+            lambda obs, act, next_obs: torch.zeros(obs.shape[0], dtype=torch.bool, device=obs.device)
+    env = envs.make(ENV, 1, seed=0)
+    space = env.single_action_space
+    out = env.obs_dim, env.act_dim, space.low, space.high, envs.termination_fn(ENV)
+    env.close()
+    return out
+
+
+def synthetic_buffer(n: int, device: torch.device, seed: int) -> ReplayBuffer:
+    """``n`` transitions of HalfCheetah's sizes from a fixed smooth random map
+    ``s' = s + 0.1 tanh(s A + a C)``, reward ``tanh(s) . r`` (seeded): learnable dynamics, so the
+    model fits do the same work as on real data, without the simulator."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(OBS_DIM, OBS_DIM, generator=g) / OBS_DIM ** 0.5
+    C = torch.randn(ACT_DIM, OBS_DIM, generator=g) / ACT_DIM ** 0.5
+    r = torch.randn(OBS_DIM, generator=g) / OBS_DIM ** 0.5
+    obs = torch.randn(n, OBS_DIM, generator=g)
+    act = torch.rand(n, ACT_DIM, generator=g) * 2 - 1
+    next_obs = obs + 0.1 * torch.tanh(obs @ A + act @ C)
+    reward = torch.tanh(obs) @ r
+    buffer = ReplayBuffer(OBS_DIM, ACT_DIM, n, device)
+    buffer.add(obs.numpy(), act.numpy(), reward.numpy(), next_obs.numpy(), np.zeros(n, dtype=bool))
+    return buffer
+
+
+def fill_buffer(n: int, device: torch.device, seed: int, synthetic: bool = False) -> ReplayBuffer:
+    """``n`` HalfCheetah transitions with uniform random actions (one env, as the warm-up), or
+    :func:`synthetic_buffer` without the simulator."""
+    envs = None if synthetic else simulator()
+    if envs is None:
+        return synthetic_buffer(n, device, seed)
+    make = envs.make
     env = make(ENV, 1, seed=seed)
     env.reset(seed=seed)
     space = env.single_action_space
@@ -96,16 +145,14 @@ def fill_buffer(n: int, device: torch.device, seed: int) -> ReplayBuffer:
 class Runner:
     """One provider: a ``ddppo-sn`` agent and the four timed phases of one update."""
 
-    def __init__(self, provider: str, base_cfg: dict, buffer: ReplayBuffer, device: torch.device, seed: int):
+    def __init__(self, provider: str, base_cfg: dict, buffer: ReplayBuffer, device: torch.device, seed: int,
+                 synthetic: bool = False):
         self.provider, self.buffer, self.device = provider, buffer, device
         graphs = provider == "fastrp-cudagraph"
         self.cfg = cfg = resolve({**base_cfg, "compile": graphs, "cuda_graphs": graphs})
         torch.manual_seed(seed)
-        env = make(ENV, 1, seed=seed)
-        space = env.single_action_space
-        self.agent = algos.get(ALGO)(cfg, env.obs_dim, env.act_dim, space.low, space.high, device,
-                                     termination=termination_fn(ENV))
-        env.close()
+        obs_dim, act_dim, low, high, termination = env_spec(synthetic)
+        self.agent = algos.get(ALGO)(cfg, obs_dim, act_dim, low, high, device, termination=termination)
         self.eager = provider == "eager"
         if self.eager:
             for module in (self.agent.policy, self.agent.critic, self.agent.critic_target, self.agent.model,
@@ -176,7 +223,7 @@ def quantiles(samples: List[float]) -> Dict[str, float]:
 
 
 def run(providers: List[str], base_cfg: dict, buffer: ReplayBuffer, device: torch.device, repeats: int,
-        seed: int) -> Dict[str, dict]:
+        seed: int, synthetic: bool = False) -> Dict[str, dict]:
     """Build each provider, warm it up once, then ``repeats`` round-robin repeats."""
     results: Dict[str, dict] = {}
     runners: Dict[str, Runner] = {}
@@ -185,7 +232,7 @@ def run(providers: List[str], base_cfg: dict, buffer: ReplayBuffer, device: torc
             results[name] = {"error": "CUDA only"}
             continue
         try:
-            runner = Runner(name, base_cfg, buffer, device, seed)
+            runner = Runner(name, base_cfg, buffer, device, seed, synthetic)
             t0 = time.perf_counter()
             runner.repeat()
             print(f"  {name}: warm-up {time.perf_counter() - t0:.1f} s", flush=True)
@@ -249,6 +296,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny preset, small buffer, 2 repeats (seconds)")
     parser.add_argument("--json", default=None, help="write the results to this path")
+    parser.add_argument("--counters", action="store_true",
+                        help="print torch.compile's inductor / cudagraph / graph-break counters after the run")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="synthetic transitions instead of HalfCheetah (the default without mujoco/gymnasium)")
     args = parser.parse_args(argv)
 
     if args.quick:
@@ -272,17 +323,27 @@ def main(argv=None) -> int:
           f"H {cfg.horizon}; model refits every {cfg.model_train_every} steps (<= {cfg.model_max_epochs} epochs, "
           f"{cfg.ensemble_size}x{cfg.model_num_layers}x{cfg.model_hidden_dim}, fd_k {cfg.fd_k}), "
           f"rollout batch {cfg.rollout_batch_size}; buffer {args.fill} random-action transitions")
+    synthetic = args.synthetic or simulator() is None
+    transitions = "synthetic (HalfCheetah sizes)" if synthetic else "HalfCheetah random-action"
     t0 = time.perf_counter()
-    buffer = fill_buffer(args.fill, device, args.seed)
-    print(f"  buffer filled in {time.perf_counter() - t0:.1f} s", flush=True)
-    results = run(providers, base_cfg, buffer, device, args.repeats, args.seed)
+    buffer = fill_buffer(args.fill, device, args.seed, synthetic)
+    print(f"  buffer filled with {args.fill} {transitions} transitions in {time.perf_counter() - t0:.1f} s", flush=True)
+    results = run(providers, base_cfg, buffer, device, args.repeats, args.seed, synthetic)
     print()
     print(report(results, cfg.model_train_every))
     print(f"\nupdate = critic + policy + (model + grad_model) / {cfg.model_train_every}; median over "
           f"{args.repeats} repeats (p20-p80); phase columns are medians of one occurrence.")
+    counters = {}
+    if args.counters:
+        from torch._dynamo.utils import counters as dynamo_counters
+
+        counters = {k: dict(dynamo_counters[k]) for k in ("inductor", "graph_break", "stats") if dynamo_counters[k]}
+        for k, v in counters.items():  # a skipped CUDA graph shows as inductor cudagraph_skips
+            print(f"counters {k}: {v}")
     if args.json:
         out = [{"provider": name, **r} for name, r in results.items()]
         common.write_json(args.json, device, out, algo=ALGO, env=ENV, preset=args.preset, fill=args.fill,
+                          transitions=transitions, counters=counters,
                           repeats=args.repeats, model_max_epochs=cfg.model_max_epochs,
                           model_train_every=cfg.model_train_every, critic_updates=cfg.critic_updates,
                           policy_updates=cfg.policy_updates, batch_size=cfg.batch_size, horizon=cfg.horizon)

@@ -42,7 +42,7 @@ def act(z, ACT: tl.constexpr):
     if ACT == 0:
         out = z * sigmoid(z)
     elif ACT == 1:
-        out = tl.maximum(z, 0.0)
+        out = tl.where(z > 0.0, z, 0.0 * z)  # NaN stays NaN (tl.maximum would return 0)
     else:
         out = tanh(z)
     return out
@@ -70,7 +70,7 @@ def act_and_grad(z, ACT: tl.constexpr):
         return z * sg, sg * (1.0 + z * (1.0 - sg))
     elif ACT == 1:
         pos = z > 0
-        return tl.where(pos, z, 0.0), tl.where(pos, 1.0, 0.0)
+        return tl.where(pos, z, 0.0 * z), tl.where(pos, 1.0, 0.0)
     else:
         th = tanh(z)
         return th, 1.0 - th * th

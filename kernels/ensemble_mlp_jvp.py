@@ -7,13 +7,17 @@ every weight tile is loaded once and multiplied into all 1 + K rows with a singl
 ``tl.dot``. The epilogue of a hidden layer reads the primal pre-activation ``z`` of each group
 and applies ``h' = act(z)`` to slot 0 and ``t' = act'(z) * (t W) s`` to the tangent slots.
 
-Between layers the activations of a program live in a per-program scratch area (two ping-pong
-buffers, written and re-read by the same program, so they stay in L1/L2 on the GPU); the layer
-loop runs inside the kernel, so there is no width threshold and no per-layer launch. The number
+Between layers the pre-activations of a program (slot 0 ``z``, tangent slots ``w = (t W) s``) go
+to a buffer ``[L - 1, E, B, K + 1, DMAX]`` that is private to the program (written and re-read by
+the same program, so it stays in L1/L2 on the GPU); the next layer applies ``act(z)`` and
+``act'(z) * w`` on load. The buffer is returned: it is what the backward needs, so the backward
+recomputes no GEMM. The layer loop runs inside the kernel, so there is no width threshold and no
+per-layer launch. The number
 of layers is a compile-time constant: weights, biases and scales are passed as tuple kernel
 arguments, and bit masks say which biases and scales are present.
 
-The backward of the op does not use a Triton kernel; see ``fastrp/ops/jvp.py``.
+The backward of the op does not use a Triton kernel; see ``fastrp/ops/jvp.py``. ``PRECISION`` is
+``tl.dot``'s input precision (``"ieee"``, ``"tf32"``, ``"tf32x3"``; float64 always ``"ieee"``).
 """
 
 from __future__ import annotations
@@ -26,16 +30,19 @@ import triton.language as tl
 
 from ._activations import ACT_CODES
 from ._activations import act_and_grad as _act_and_grad
+from ._target import gpu_sms
 from .ensemble_mlp import device_guard
 
 
 @triton.jit
 def _mlp_jvp_fwd_kernel(
     x_ptr, t_ptr, y_ptr, jy_ptr, scratch_ptr,
-    Ws, Bs, Ss, dims,
-    B, K, DMAX,
+    Ws, Bs, Ss,
+    B, K,
+    DIMS: tl.constexpr, DMAX: tl.constexpr,
     NUM_LAYERS: tl.constexpr, BIAS_MASK: tl.constexpr, SCALE_MASK: tl.constexpr, ACT: tl.constexpr,
     BLOCK_B: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     e = tl.program_id(1).to(tl.int64)
@@ -48,8 +55,10 @@ def _mlp_jvp_fwd_kernel(
     j = r % GROUP
     row_ok = (b < B) & (j <= K)
     is_primal = j == 0
-    # Scratch row of (member e, batch row b, slot j) in a [E, B, K + 1, DMAX] buffer.
-    srow = ((e * B + b) * (K + 1) + j) * DMAX
+    # Buffer row of (member e, batch row b, slot j) in a [E, B, K + 1, DMAX] layer block, and of
+    # the primal slot of the same batch row.
+    prow = (e * B + b) * (K + 1) * DMAX
+    srow = prow + j * DMAX
     buf_stride = tl.num_programs(1).to(tl.int64) * B * (K + 1) * DMAX
 
     ks = tl.arange(0, BLOCK_K)
@@ -61,14 +70,15 @@ def _mlp_jvp_fwd_kernel(
     ok3 = (b3 < B) & (j3 <= K)
 
     for layer in tl.static_range(NUM_LAYERS):
-        din = dims[layer]
-        dout = dims[layer + 1]
+        din = DIMS[layer]
+        dout = DIMS[layer + 1]
         w_base = Ws[layer] + e * din * dout
         if layer == 0:
             h_rows = x_ptr + (e * B + b) * din
             t_rows = t_ptr + ((e * B + b) * K + tl.maximum(j - 1, 0)) * din
         else:
-            in_rows = scratch_ptr + ((layer - 1) % 2) * buf_stride + srow
+            in_rows = scratch_ptr + (layer - 1) * buf_stride + srow
+            primal_rows = scratch_ptr + (layer - 1) * buf_stride + prow
         if (SCALE_MASK >> layer) & 1:
             s = tl.load(Ss[layer] + e)
         for n0 in range(0, dout, BLOCK_N):
@@ -83,11 +93,13 @@ def _mlp_jvp_fwd_kernel(
                     a += tl.load(t_rows[:, None] + k[None, :],
                                  mask=row_ok[:, None] & (j[:, None] > 0) & kmask, other=0.0)
                 else:
-                    a = tl.load(in_rows[:, None] + k[None, :], mask=row_ok[:, None] & kmask, other=0.0,
-                                cache_modifier=".cg")
+                    zw = tl.load(in_rows[:, None] + k[None, :], mask=row_ok[:, None] & kmask, other=0.0)
+                    zp = tl.load(primal_rows[:, None] + k[None, :], mask=row_ok[:, None] & kmask, other=0.0)
+                    h, dh = _act_and_grad(zp, ACT)
+                    a = tl.where(is_primal[:, None], h, dh * zw)
                 w = tl.load(w_base + k[:, None] * dout + n[None, :],
                             mask=(k[:, None] < din) & (n[None, :] < dout), other=0.0)
-                acc = tl.dot(a, w, acc, input_precision="ieee", out_dtype=dtype)
+                acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=dtype)
             acc3 = tl.reshape(acc, [BLOCK_B, GROUP, BLOCK_N])
             if (SCALE_MASK >> layer) & 1:
                 acc3 = acc3 * s
@@ -101,9 +113,8 @@ def _mlp_jvp_fwd_kernel(
                 tl.store(jy_ptr + ((e * B + b3) * K + tl.maximum(j3 - 1, 0)) * dout + nn, acc3,
                          mask=mask3 & (j3 > 0))
             else:
-                h, dz = _act_and_grad(z, ACT)
-                out3 = tl.where(j3 == 0, h, acc3 * dz)
-                dst = scratch_ptr + (layer % 2) * buf_stride + ((e * B + b3) * (K + 1) + j3) * DMAX + nn
+                out3 = tl.where(j3 == 0, z, acc3)
+                dst = scratch_ptr + layer * buf_stride + ((e * B + b3) * (K + 1) + j3) * DMAX + nn
                 tl.store(dst, out3, mask=mask3)
         # The next layer reads what the other threads of this program just wrote.
         tl.debug_barrier()
@@ -112,17 +123,17 @@ def _mlp_jvp_fwd_kernel(
 def _tiles(device: torch.device, group: int, dmax: int, batch: int) -> Tuple[int, int, int, int]:
     """(BLOCK_B, BLOCK_N, BLOCK_K, num_warps) for a launch.
 
-    On the GPU the stacked row tile holds ~64 rows (at least 16, the minimum ``tl.dot`` size)
-    and weight tiles are 64 x 32. Under the CPU interpreter every Triton op costs a Python call,
+    On the GPU the stacked row tile holds ~32 rows (at least 16, the minimum ``tl.dot`` size)
+    and weight tiles are 16 x 32 (larger tiles spill registers in the fp32 FFMA path). Under the CPU interpreter every Triton op costs a Python call,
     so the tiles are as large as the problem (one tile per layer for widths up to 256).
     """
-    if device.type == "cuda":
-        rows = 64 if group <= 64 else group
+    if gpu_sms(device) is not None:
+        rows = 32 if group <= 32 else group
         block_b = max(1, rows // group)
         block_b = min(block_b, max(1, triton.next_power_of_2(batch)))
         while block_b * group < 16:
             block_b *= 2
-        return block_b, 64, 32, 4
+        return block_b, 32, 16, 4
     width = min(max(16, triton.next_power_of_2(dmax)), 256)
     block_b = max(1, min(triton.next_power_of_2(batch), max(1, 512 // group)))
     while block_b * group < 16:
@@ -137,8 +148,11 @@ def mlp_jvp_forward(
     biases: Sequence[Optional[torch.Tensor]],
     scales: Sequence[Optional[torch.Tensor]],
     activation: str,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Host launcher: ``(y[E,B,o], jy[E,B,K,o])`` of the MLP and its JVP along ``tangents``.
+    precision: str = "ieee",
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Host launcher: ``(y[E,B,o], jy[E,B,K,o], saved)`` of the MLP and its JVP along
+    ``tangents``; ``saved [L - 1, E, B, K + 1, DMAX]`` holds every hidden layer's pre-activations
+    (slot 0 the primal ``z``, slots ``1..K`` the tangents' ``w``).
 
     Inputs are assumed validated by :func:`fastrp.ops.jvp.ensemble_mlp_jvp` (same dtype and
     device, chained widths, ``len(biases) == len(scales) == len(weights)``); they are made
@@ -149,29 +163,32 @@ def mlp_jvp_forward(
     dims = [x.shape[2]] + [w.shape[2] for w in weights]
     y = x.new_empty((E, B, dims[-1]))
     jy = x.new_empty((E, B, K, dims[-1]))
+    hidden = dims[1:-1]
+    dmax = max(hidden) if hidden else 1
+    # every element is written when the hidden widths are equal; otherwise zero the padding
+    alloc = x.new_empty if len(set(hidden)) <= 1 else x.new_zeros
+    scratch = alloc((len(hidden), E, B, K + 1, dmax))
     if E == 0 or B == 0 or dims[-1] == 0:
-        return y, jy
+        return y, jy, scratch
     x = x.contiguous()
     tangents = tangents.contiguous()
     ws: List[torch.Tensor] = [w.contiguous() for w in weights]
     bs = [x if bb is None else bb.contiguous() for bb in biases]
     ss = [x if sc is None else sc.contiguous() for sc in scales]
-    hidden = dims[1:-1]
-    dmax = max(hidden) if hidden else 1
-    scratch = x.new_empty((2, E, B, K + 1, dmax)) if hidden else x.new_empty((1,))
     group = triton.next_power_of_2(K + 1)
     block_b, block_n, block_k, num_warps = _tiles(x.device, group, max(dims), B)
     grid = (triton.cdiv(B, block_b), E)
     with device_guard(x.device):
         _mlp_jvp_fwd_kernel[grid](
             x, tangents, y, jy, scratch,
-            tuple(ws), tuple(bs), tuple(ss), tuple(dims),
-            B, K, dmax,
+            tuple(ws), tuple(bs), tuple(ss),
+            B, K,
+            DIMS=tuple(dims), DMAX=dmax,
             NUM_LAYERS=len(ws),
             BIAS_MASK=sum(1 << i for i, bb in enumerate(biases) if bb is not None),
             SCALE_MASK=sum(1 << i for i, sc in enumerate(scales) if sc is not None),
             ACT=ACT_CODES[activation],
             BLOCK_B=block_b, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=num_warps,
+            PRECISION="ieee" if x.dtype == torch.float64 else precision, num_warps=num_warps,
         )
-    return y, jy
+    return y, jy, scratch

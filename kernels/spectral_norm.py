@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._target import gpu_sms
 from .ensemble_mlp import device_guard
 
 # Elements of one weight tile held in registers by a program. The interpreter runs each tile as
@@ -125,7 +126,7 @@ def _spectral_norm_layers_kernel(
 
 def _tile_sizes(max_in: int, max_out: int, device: torch.device) -> Tuple[int, int]:
     block_o = triton.next_power_of_2(max(max_out, 1))
-    elems = _TILE_ELEMS_GPU if device.type == "cuda" else _TILE_ELEMS_INTERPRET
+    elems = _TILE_ELEMS_GPU if gpu_sms(device) is not None else _TILE_ELEMS_INTERPRET
     block_i = max(1, min(triton.next_power_of_2(max(max_in, 1)), elems // block_o))
     return block_i, block_o
 

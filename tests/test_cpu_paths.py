@@ -4,8 +4,6 @@ observation normaliser shared by policy and critics, and frozen models in the po
 import pytest
 import torch
 
-from fastrp.algos import get as get_algo
-from fastrp.config import parse_args
 from fastrp.nn.ensemble import EnsembleMLP
 from fastrp.nn.policy import TanhGaussianPolicy
 from fastrp.ops import ensemble_mlp, ensemble_mlp_jvp, spectral_norm, spectral_norm_layers
@@ -140,6 +138,9 @@ def test_policy_sees_normalised_observations():
 
 
 def test_agent_shares_one_observation_normaliser():
+    from fastrp.algos import get as get_algo
+    from fastrp.config import parse_args
+
     cfg = parse_args(["--env", "InvertedPendulum", "--algo", "maac", "--preset", "tiny"])
     agent = get_algo("maac")(cfg, 4, 1, [-3.0], [3.0], torch.device("cpu"))
     norm = agent.obs_normalizer
@@ -151,6 +152,9 @@ def test_agent_shares_one_observation_normaliser():
 
 
 def test_policy_update_leaves_model_state_alone():
+    from fastrp.algos import get as get_algo
+    from fastrp.config import parse_args
+
     cfg = parse_args(["--env", "InvertedPendulum", "--algo", "ddppo-sn", "--preset", "tiny"])
     agent = get_algo("ddppo-sn")(cfg, 4, 1, [-3.0], [3.0], torch.device("cpu"),
                                  termination=lambda o, a, n: torch.zeros(o.shape[0], dtype=torch.bool))

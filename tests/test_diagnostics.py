@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+pytest.importorskip("mujoco", reason="needs the simulator (the GPU machine has none)")
+pytest.importorskip("gymnasium", reason="needs the simulator (the GPU machine has none)")
+
 from fastrp import train
 from fastrp.config import CliError, Config, parse_args
 from fastrp.diagnostics import (DIAG_CSV, Settings, collect_transitions, ensemble_jacobian_errors, flat_gradient,

@@ -329,19 +329,18 @@ def test_gradcheck_triton_members():
 @pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("need_dx,need_params", [(True, True), (False, True), (True, False)])
 def test_opcheck(impl, grouped, need_dx, need_params):
+    """The registered ops (what torch.compile traces; autograd is the op's one Function around
+    them) against their fake implementations; optional biases / scales as ``Tensor?[]``."""
     from fastrp.ops.mlp import _mlp_fwd_op  # noqa: F401  (registers the ops)
 
     E, dims = 2, [3, 4, 2]
     weights, biases, scales = make_params(E, dims, bias="some", scale="all")
-    weights = [w.requires_grad_(True) for w in weights]
     seg = torch.tensor([0, 1, 3]) if grouped else None
-    x = torch.randn(3 if grouped else E * 2, dims[0], requires_grad=True)
-    args = (x, seg, weights, [biases[0]], [0], scales, [0, 1], "tanh", impl)
+    x = torch.randn(3 if grouped else E * 2, dims[0])
+    args = (x, seg, weights, biases, scales, "tanh", impl, "ieee")
     torch.library.opcheck(torch.ops.fastrp.ensemble_mlp_fwd.default, args)
-    with torch.no_grad():
-        y, z, wp, sp = torch.ops.fastrp.ensemble_mlp_fwd(*args)
-    bwd_args = (torch.randn_like(y), x.detach(), seg, [w.detach() for w in weights], scales, [0, 1], z, wp, sp,
-                "tanh", impl, need_dx, need_params)
+    y, saved = torch.ops.fastrp.ensemble_mlp_fwd(*args)
+    bwd_args = (torch.randn_like(y), x, seg, weights, scales, saved, "tanh", impl, "ieee", need_dx, need_params)
     torch.library.opcheck(torch.ops.fastrp.ensemble_mlp_bwd.default, bwd_args)
 
 
@@ -352,16 +351,14 @@ def test_opcheck_non_contiguous_inputs(impl):
 
     E, dims = 2, [3, 4, 2]
     weights, biases, scales = make_params(E, dims, bias="some", scale="all")
-    weights = [w.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True) for w in weights]
-    x = torch.randn(dims[0], E * 2).T.requires_grad_(True)
+    weights = [w.transpose(1, 2).contiguous().transpose(1, 2) for w in weights]
+    x = torch.randn(dims[0], E * 2).T
     assert not x.is_contiguous() and not weights[0].is_contiguous()
-    args = (x, None, weights, [biases[0]], [0], scales, [0, 1], "silu", impl)
+    args = (x, None, weights, biases, scales, "silu", impl, "ieee")
     torch.library.opcheck(torch.ops.fastrp.ensemble_mlp_fwd.default, args)
-    with torch.no_grad():
-        y, z, wp, sp = torch.ops.fastrp.ensemble_mlp_fwd(*args)
+    y, saved = torch.ops.fastrp.ensemble_mlp_fwd(*args)
     gy = torch.randn(y.shape[1], y.shape[0]).T
-    bwd_args = (gy, x.detach(), None, [w.detach() for w in weights], scales, [0, 1], z, wp, sp, "silu", impl,
-                True, True)
+    bwd_args = (gy, x, None, weights, scales, saved, "silu", impl, "ieee", True, True)
     torch.library.opcheck(torch.ops.fastrp.ensemble_mlp_bwd.default, bwd_args)
 
 
@@ -571,3 +568,18 @@ def test_cuda_second_device():
     got = ensemble_mlp(x.to(dev), [w.to(dev) for w in weights], [b.to(dev) for b in biases],
                        [s.to(dev) for s in scales], backend="triton")
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backends("torch", "triton"))
+def test_relu_propagates_nan(backend):
+    """A NaN pre-activation stays NaN through ReLU (as torch.relu), instead of becoming 0 and
+    hiding a diverged input; the other rows are unaffected."""
+    weights, biases, _ = make_params(2, [3, 4, 2], bias="all", scale="none")
+    x = torch.randn(2, 5, 3)
+    x[1, 2, 0] = float("nan")
+    y = ensemble_mlp(x, weights, biases, None, "relu", backend=backend)
+    assert torch.isnan(y[1, 2]).all()
+    nan_rows = torch.zeros(2, 5, dtype=torch.bool)
+    nan_rows[1, 2] = True
+    assert torch.isfinite(y[~nan_rows]).all()
+    torch.testing.assert_close(y, ensemble_mlp_ref(x, weights, biases, None, "relu"), equal_nan=True)

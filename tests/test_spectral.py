@@ -282,8 +282,8 @@ def test_opcheck(backend):
     weight, v = _inputs(3, 5, 4)
     weight.requires_grad_(True)
     u = F.normalize(torch.randn(3, 4), dim=-1)
-    torch.library.opcheck(torch.ops.fastrp.spectral_norm.default, (weight, v, None, 2, 1e-12, backend))
-    torch.library.opcheck(torch.ops.fastrp.spectral_norm.default, (weight, v, u, 0, 1e-12, backend))
+    torch.library.opcheck(torch.ops.fastrp.spectral_norm_layers.default, ([weight], [v], [], 2, 1e-12, backend))
+    torch.library.opcheck(torch.ops.fastrp.spectral_norm_layers.default, ([weight], [v], [u], 0, 1e-12, backend))
     w2, v2 = _inputs(3, 4, 6)
     torch.library.opcheck(
         torch.ops.fastrp.spectral_norm_layers.default, ([weight, w2.requires_grad_(True)], [v, v2], [], 1, 1e-12, backend)
@@ -336,6 +336,8 @@ def test_bad_inputs():
         spectral_norm(weight, v, -1)
     with pytest.raises(ValueError, match=r"n_power_iterations must be an int >= 0"):
         spectral_norm(weight, v, 1.5)
+    with pytest.raises(ValueError, match=r"n_power_iterations must be an int >= 0"):
+        spectral_norm(weight, v, True)
     with pytest.raises(ValueError, match=r"eps must be a float > 0"):
         spectral_norm(weight, v, 1, 0.0)
     with pytest.raises(ValueError, match=r"backend='cuda' is not implemented"):
@@ -408,4 +410,20 @@ def test_cuda_layers_and_gradcheck():
     v = F.normalize(torch.randn(2, 3, dtype=torch.float64, device="cuda"), dim=-1)
     u = F.normalize(torch.randn(2, 4, dtype=torch.float64, device="cuda"), dim=-1)
     assert torch.autograd.gradcheck(lambda w: spectral_norm(w, v, 0, u=u)[0], (weight,))
-    torch.library.opcheck(torch.ops.fastrp.spectral_norm.default, (weight, v, None, 2, 1e-12, "triton"))
+    torch.library.opcheck(torch.ops.fastrp.spectral_norm_layers.default, ([weight], [v], [], 2, 1e-12, "triton"))
+
+
+@pytest.mark.parametrize("backend", ["torch", None])
+def test_numpy_integer_iterations(backend):
+    """Any integral count is accepted (numpy's int64 from a config array, for example) and gives
+    what the same Python int gives."""
+    import numpy as np
+
+    weight = torch.randn(3, 5, 4)
+    v = torch.nn.functional.normalize(torch.randn(3, 5), dim=1)
+    want = spectral_norm(weight, v, 3, backend=backend)
+    for n in (np.int64(3), np.int32(3)):
+        for a, b in zip(spectral_norm(weight, v, n, backend=backend), want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(spectral_norm_layers([weight], [v], np.int64(3), backend=backend), ([t] for t in want)):
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)

@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-from fastrp.envs import termination_fn as env_termination_fn
 from fastrp.nn.critic import TwinQ
 from fastrp.nn.model import ProbabilisticEnsemble
 from fastrp.nn.policy import TanhGaussianPolicy
@@ -180,6 +179,8 @@ def test_grad_model_gives_values_of_pred_and_gradients_of_grad(deterministic_mod
 
 
 def test_objective_finite_with_real_termination_and_sn():
+    from fastrp.envs import termination_fn as env_termination_fn
+
     term = env_termination_fn("Hopper")
     pred = ProbabilisticEnsemble(11, 3, hidden_dim=16, num_layers=2, ensemble_size=3, num_elites=2,
                                  spectral_norm="hidden")

@@ -62,6 +62,27 @@ def check_same_dtype(ref_name: str, ref: torch.Tensor, **others) -> None:
             raise ValueError(f"{name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}")
 
 
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def split_optional(tensors):
+    """A per-layer list with None entries -> ``(present tensors, bit mask of present layers)``."""
+    present = [t for t in tensors if t is not None]
+    return present, sum(1 << l for l, t in enumerate(tensors) if t is not None)
+
+
+def merge_optional(present, mask: int, L: int) -> list:
+    """Inverse of :func:`split_optional`."""
+    it = iter(present)
+    return [next(it) if (mask >> l) & 1 else None for l in range(L)]
+
+
 def check_activation(activation: str) -> str:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -125,6 +146,14 @@ def eager_autograd(backend: Optional[str], impl: str, t: torch.Tensor) -> bool:
     the registered op (an explicit ``backend="torch"`` always uses it)."""
     return (backend is None and impl == "torch" and t.device.type == "cpu" and not _FORCE_CUSTOM_OPS
             and not is_compiling())
+
+
+def device_side(t: torch.Tensor) -> bool:
+    """Whether an op must keep ``t``'s values on the device, with no read back to the host: on
+    every device but the CPU (on CUDA a read is a synchronisation, and illegal while a CUDA graph
+    is captured). Op hot paths ask this (through the module attribute, so a test can make a CPU
+    run take the device-side path) before any ``.item()``, ``.tolist()`` or ``nonzero``."""
+    return t.device.type != "cpu"
 
 
 def value_checks_allowed(t: torch.Tensor) -> bool:

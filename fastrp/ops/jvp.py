@@ -14,13 +14,15 @@ Recurrence (per layer ``l`` with weight ``W``, scale ``s``, bias ``b``)::
 
 Backends: ``"torch"`` (batched matmuls) and ``"triton"`` (one fused launch computing the primal
 row and its K tangent rows together, ``kernels/ensemble_mlp_jvp.py``). Auto picks Triton on CUDA
-and torch on CPU. The backward is the same for both backends: explicit reverse-mode formulas of
-the recurrence in batched torch matmuls (it recomputes the forward intermediates in torch, so
-the forward stores nothing but its inputs); it skips the parameter gradients when no weight,
-bias or scale requires one (frozen parameters). The op is registered as
-``fastrp::ensemble_mlp_jvp`` (forward) and ``fastrp::ensemble_mlp_jvp_backward`` (backward) with
-fake implementations, so it traces under ``torch.compile(fullgraph=True)``. Double backward is
-not supported.
+and torch on CPU. Both forwards keep the hidden pre-activations ``z`` and ``w`` of every layer
+(the Triton kernel writes them anyway, to hand them from layer to layer), and the backward reads
+them: explicit reverse-mode formulas of the recurrence in batched torch matmuls, with no GEMM of
+the forward recomputed (only elementwise ``act``, ``act'``, ``act''`` of the saved ``z``). It skips
+the parameter gradients when no weight, bias or scale requires one (frozen parameters). The op is
+registered as ``fastrp::ensemble_mlp_jvp`` (forward) and ``fastrp::ensemble_mlp_jvp_backward``
+(backward) with fake implementations, so it traces under ``torch.compile(fullgraph=True)``; one
+autograd node per call calls them (their implementations directly outside torch.compile).
+Double backward is not supported.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._common import act as _act
 from ._common import act_d1 as _act_d1
 from ._common import act_d2 as _act_d2
-from ._common import check_activation, check_layers, check_tensor, eager_autograd, resolve_backend
+from ._common import (check_activation, check_layers, check_precision, check_tensor, eager_autograd, is_compiling,
+                      resolve_backend)
 
 __all__ = ["ensemble_mlp_jvp", "ensemble_mlp_jvp_ref"]
 
@@ -80,6 +84,8 @@ def _normalize_args(x, tangents, weights, biases, scales, activation):
     check_activation(activation)
     x = check_tensor("x", x, ndim=3, dtypes=_DTYPES, what="[E, B, in]")
     E, B, d_in = x.shape
+    if E < 1:
+        raise ValueError(f"x must have at least one member (E >= 1) in [E, B, in], got shape {tuple(x.shape)}")
     dev, dt = x.device, x.dtype
     check_tensor("tangents", tangents, ndim=4, dtypes=(dt,), device=dev, what="[E, B, K, in]")
     if tangents.shape[0] != E or tangents.shape[1] != B or tangents.shape[3] != d_in:
@@ -113,8 +119,8 @@ def _backward_torch(
     x: torch.Tensor,
     tangents: torch.Tensor,
     weights: Sequence[torch.Tensor],
-    biases: Sequence[Optional[torch.Tensor]],
     scales: Sequence[Optional[torch.Tensor]],
+    record: Sequence[Tuple[torch.Tensor, torch.Tensor]],
     activation: str,
     need_params: bool = True,
 ):
@@ -126,11 +132,10 @@ def _backward_torch(
     ``gz = gh act'(z) + act''(z) Σ_k gt_k w_k`` and ``gw = gt act'(z)``.
     Gradients are returned for every layer (``gb``/``gs`` also where the bias/scale is None);
     with ``need_params=False`` (frozen parameters) ``A`` is not formed and ``gW``, ``gb``, ``gs``
-    are lists of empty tensors.
+    are lists of empty tensors. ``record`` holds the forward's hidden pre-activations ``(z, w)``
+    per hidden layer (``[E, B, d]``, ``[E, B, K, d]``).
     """
     E, B, K = tangents.shape[:3]
-    record: list = []
-    _recurrence(x, tangents, weights, biases, scales, activation, record)
     L = len(weights)
     gW: List[torch.Tensor] = [None] * L  # type: ignore[list-item]
     gb: List[torch.Tensor] = [None] * L  # type: ignore[list-item]
@@ -172,44 +177,58 @@ def _backward_torch(
     return gh, gt, gW, gb, gs
 
 
-def _present(tensors: Sequence[Optional[torch.Tensor]]) -> Tuple[List[torch.Tensor], List[bool]]:
-    """Split a list with None entries into its tensors and a presence mask."""
-    return [t for t in tensors if t is not None], [t is not None for t in tensors]
+def _forward_impl(x, tangents, weights, biases, scales, activation, impl, precision):
+    """``(y, jy, saved)``: ``saved`` is a list, the Triton kernel's ``[L - 1, E, B, K + 1, DMAX]``
+    buffer of hidden pre-activations (slot 0 ``z``, slots ``1..K`` ``w``), or the torch
+    recurrence's ``z`` then ``w`` of each hidden layer."""
+    if impl == "triton":
+        from fastrp.kernels import ensemble_mlp_jvp as kernel
+
+        y, jy, buf = kernel.mlp_jvp_forward(x, tangents, weights, biases, scales, activation, precision)
+        return y, jy, [buf]
+    record: list = []
+    y, jy = _recurrence(x, tangents, weights, biases, scales, activation, record)
+    return y, jy, [z for z, _ in record] + [w for _, w in record]
 
 
-def _expand(tensors: Sequence[torch.Tensor], present: Sequence[bool]) -> List[Optional[torch.Tensor]]:
-    """Inverse of :func:`_present`."""
-    it = iter(tensors)
-    return [next(it) if p else None for p in present]
+def _record(saved, weights, impl):
+    """``saved`` of :func:`_forward_impl` as ``[(z, w)]`` per hidden layer (views)."""
+    L = len(weights)
+    if impl == "triton":
+        buf = saved[0]
+        return [(buf[l, :, :, 0, :w.shape[2]], buf[l, :, :, 1:, :w.shape[2]]) for l, w in enumerate(weights[:-1])]
+    return list(zip(saved[:L - 1], saved[L - 1:]))
 
 
-# The registered ops take the biases and scales that are present plus presence masks, because
-# torch.library's autograd support does not reach tensors inside ``Tensor?[]`` arguments.
+def _backward_impl(grad_y, grad_jy, x, tangents, weights, scales, saved, activation, impl, need_params):
+    return _backward_torch(grad_y, grad_jy, x, tangents, weights, scales, _record(saved, weights, impl), activation,
+                           need_params)
+
+
 @torch.library.custom_op("fastrp::ensemble_mlp_jvp", mutates_args=())
 def _jvp_op(
     x: torch.Tensor,
     tangents: torch.Tensor,
     weights: List[torch.Tensor],
-    biases: List[torch.Tensor],
-    scales: List[torch.Tensor],
-    has_bias: List[bool],
-    has_scale: List[bool],
+    biases: List[Optional[torch.Tensor]],
+    scales: List[Optional[torch.Tensor]],
     activation: str,
     backend: str,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    bs, ss = _expand(biases, has_bias), _expand(scales, has_scale)
-    if backend == "triton":
-        from fastrp.kernels import ensemble_mlp_jvp as kernel
-
-        return kernel.mlp_jvp_forward(x, tangents, weights, bs, ss, activation)
-    return _recurrence(x, tangents, weights, bs, ss, activation)
+    precision: str,
+) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+    return _forward_impl(x, tangents, weights, biases, scales, activation, backend, precision)
 
 
 @_jvp_op.register_fake
-def _jvp_op_fake(x, tangents, weights, biases, scales, has_bias, has_scale, activation, backend):
+def _jvp_op_fake(x, tangents, weights, biases, scales, activation, backend, precision):
     E, B, K = tangents.shape[:3]
     d_out = weights[-1].shape[2]
-    return x.new_empty((E, B, d_out)), x.new_empty((E, B, K, d_out))
+    hidden = [w.shape[2] for w in weights[:-1]]
+    if backend == "triton":
+        saved = [x.new_empty((len(hidden), E, B, K + 1, max(hidden) if hidden else 1))]
+    else:
+        saved = [x.new_empty((E, B, d)) for d in hidden] + [x.new_empty((E, B, K, d)) for d in hidden]
+    return x.new_empty((E, B, d_out)), x.new_empty((E, B, K, d_out)), saved
 
 
 @torch.library.custom_op("fastrp::ensemble_mlp_jvp_backward", mutates_args=())
@@ -219,72 +238,67 @@ def _jvp_backward_op(
     x: torch.Tensor,
     tangents: torch.Tensor,
     weights: List[torch.Tensor],
-    biases: List[torch.Tensor],
-    scales: List[torch.Tensor],
-    has_bias: List[bool],
-    has_scale: List[bool],
+    scales: List[Optional[torch.Tensor]],
+    saved: List[torch.Tensor],
     activation: str,
+    backend: str,
     need_params: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
-    """Gradients of x, tangents, every weight, and the present biases and scales (with
+    """Gradients of x, tangents, and every layer's weight, bias and scale (with
     ``need_params=False`` the parameter gradients are empty tensors and cost nothing)."""
-    gx, gt, gW, gb, gs = _backward_torch(
-        grad_y, grad_jy, x, tangents, weights, _expand(biases, has_bias), _expand(scales, has_scale), activation,
-        need_params,
-    )
-    gb = [g for g, p in zip(gb, has_bias) if p]
-    gs = [g for g, p in zip(gs, has_scale) if p]
-    return gx, gt, gW, gb, gs
+    return _backward_impl(grad_y, grad_jy, x, tangents, weights, scales, saved, activation, backend, need_params)
 
 
 @_jvp_backward_op.register_fake
-def _jvp_backward_op_fake(grad_y, grad_jy, x, tangents, weights, biases, scales, has_bias, has_scale, activation,
-                          need_params):
-    # the real op returns contiguous tensors whatever the strides of its inputs
-    def like(t):
-        return t.new_empty(t.shape if need_params else (0,))
+def _jvp_backward_op_fake(grad_y, grad_jy, x, tangents, weights, scales, saved, activation, backend, need_params):
+    E = x.shape[0]
+
+    def param(shape):  # the real op returns contiguous tensors whatever the strides of its inputs
+        return x.new_empty(shape if need_params else (0,))
 
     return (
         x.new_empty(x.shape),
         tangents.new_empty(tangents.shape),
-        [like(w) for w in weights],
-        [like(b) for b in biases],
-        [like(s) for s in scales],
+        [param(w.shape) for w in weights],
+        [param((E, w.shape[2])) for w in weights],
+        [param((E,)) for w in weights],
     )
 
 
-def _setup_context(ctx, inputs, output):
-    x, tangents, weights, biases, scales, has_bias, has_scale, activation, _backend = inputs
-    ctx.activation = activation
-    ctx.sizes = (len(weights), len(biases))
-    ctx.has_bias, ctx.has_scale = list(has_bias), list(has_scale)
-    ctx.save_for_backward(x, tangents, *weights, *biases, *scales)
+class _JVPFunction(torch.autograd.Function):
+    """One autograd node per call; ``params`` = weights, biases, scales (``L`` each, None where a
+    layer has none)."""
 
+    @staticmethod
+    def forward(ctx, x, tangents, spec, *params):
+        L, activation, backend, precision = spec
+        weights, biases, scales = list(params[:L]), list(params[L:2 * L]), list(params[2 * L:])
+        fwd = torch.ops.fastrp.ensemble_mlp_jvp if is_compiling() else _forward_impl
+        y, jy, saved = fwd(x, tangents, weights, biases, scales, activation, backend, precision)
+        ctx.spec = spec
+        ctx.has_bias = [b is not None for b in biases]
+        ctx.save_for_backward(x, tangents, *weights, *scales, *saved)
+        return y, jy
 
-def _backward(ctx, grad_y, grad_jy):
-    x, tangents, *params = ctx.saved_tensors
-    n_w, n_b = ctx.sizes
-    weights, biases, scales = params[:n_w], params[n_w:n_w + n_b], params[n_w + n_b:]
-    if grad_y is None:
-        grad_y = x.new_zeros((x.shape[0], x.shape[1], weights[-1].shape[2]))
-    if grad_jy is None:
-        grad_jy = tangents.new_zeros(tuple(tangents.shape[:3]) + (weights[-1].shape[2],))
-    nig = ctx.needs_input_grad
-    need_params = len(nig) != 9 or any(_any(f) for f in nig[2:5])
-    gx, gt, gW, gb, gs = _jvp_backward_op(
-        grad_y.contiguous(), grad_jy.contiguous(), x, tangents, weights, biases, scales,
-        ctx.has_bias, ctx.has_scale, ctx.activation, need_params,
-    )
-    if not need_params:
-        return gx, gt, [None] * len(gW), [None] * len(gb), [None] * len(gs), None, None, None, None
-    return gx, gt, list(gW), list(gb), list(gs), None, None, None, None
-
-
-def _any(flag) -> bool:
-    return any(flag) if isinstance(flag, (list, tuple)) else bool(flag)
-
-
-_jvp_op.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, grad_jy):
+        L, activation, backend, _ = ctx.spec
+        x, tangents, *rest = ctx.saved_tensors
+        weights, scales, saved = list(rest[:L]), list(rest[L:2 * L]), list(rest[2 * L:])
+        if grad_y is None:
+            grad_y = x.new_zeros((x.shape[0], x.shape[1], weights[-1].shape[2]))
+        if grad_jy is None:
+            grad_jy = tangents.new_zeros(tuple(tangents.shape[:3]) + (weights[-1].shape[2],))
+        need_params = any(ctx.needs_input_grad[3:])
+        bwd = torch.ops.fastrp.ensemble_mlp_jvp_backward if is_compiling() else _backward_impl
+        gx, gt, gW, gb, gs = bwd(grad_y.contiguous(), grad_jy.contiguous(), x, tangents, weights, scales, saved,
+                                 activation, backend, need_params)
+        if not need_params:
+            return (gx, gt, None) + (None,) * (3 * L)
+        gb = [g if p else None for g, p in zip(gb, ctx.has_bias)]
+        gs = [g if s is not None else None for g, s in zip(gs, scales)]
+        return (gx, gt, None, *gW, *gb, *gs)
 
 
 def ensemble_mlp_jvp(
@@ -296,6 +310,7 @@ def ensemble_mlp_jvp(
     activation: str = "silu",
     *,
     backend: Optional[str] = None,
+    precision: str = "ieee",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Ensemble MLP output and its K forward-mode directional derivatives.
 
@@ -309,6 +324,8 @@ def ensemble_mlp_jvp(
         activation: ``"silu" | "relu" | "tanh"`` on the hidden layers; the last layer is linear.
         backend: None (auto: ``"triton"`` on CUDA, ``"torch"`` on CPU), ``"torch"`` or
             ``"triton"`` (CUDA, or CPU with ``TRITON_INTERPRET=1``).
+        precision: the Triton matmuls' input precision, ``"ieee"`` (default), ``"tf32"`` or
+            ``"tf32x3"``, as in :func:`fastrp.ops.ensemble_mlp` (torch backend: full precision).
 
     Returns:
         ``(y[E, B, out], jy[E, B, K, out])``. Differentiable in ``x``, ``tangents``, weights,
@@ -318,10 +335,10 @@ def ensemble_mlp_jvp(
     Raises:
         ValueError: on a bad shape, dtype, device, list length, activation or backend.
     """
+    check_precision(precision)
     weights, biases, scales = _normalize_args(x, tangents, weights, biases, scales, activation)
     chosen = resolve_backend(_OP, backend, x.device, _BACKENDS)
     if eager_autograd(backend, chosen, x):
         return _recurrence(x, tangents, weights, biases, scales, activation)
-    bs, has_bias = _present(biases)
-    ss, has_scale = _present(scales)
-    return _jvp_op(x, tangents, weights, bs, ss, has_bias, has_scale, activation, chosen)
+    spec = (len(weights), activation, chosen, precision)
+    return _JVPFunction.apply(x, tangents, spec, *weights, *biases, *scales)

@@ -28,6 +28,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _ext
+from . import _common
 from ._common import check_tensor, resolve_backend, value_checks_allowed
 
 __all__ = ["knn", "knn_ref", "fd_targets", "fd_targets_ref"]
@@ -84,7 +85,17 @@ def _check_knn_args(queries, points, k, exclude) -> int:
     if exclude is not None:
         check_tensor("exclude", exclude, shape=(queries.shape[0],), dtypes=(torch.int64,), device=queries.device,
                      what="[Q] int64 point indices (-1: nothing to skip)")
-    if not value_checks_allowed(queries):
+    if not _common.device_side(queries) and not value_checks_allowed(queries):
+        return k  # CPU under torch.compile: unchecked, as documented
+    if _common.device_side(queries):
+        # no host read (a sync on CUDA, illegal in graph capture): device-side asserts
+        torch._assert_async(torch.isfinite(queries).all(), "queries must be finite (no NaN or inf entries)")
+        torch._assert_async(torch.isfinite(points).all(), "points must be finite (no NaN or inf entries)")
+        if exclude is not None and exclude.numel():
+            lo, hi = torch.aminmax(exclude)
+            torch._assert_async((lo >= -1) & (hi < n), "exclude entries must be in [-1, N) (-1: nothing to skip)")
+            if k > n - 1:
+                torch._assert_async(hi < 0, "k must be at most N - 1 when exclude removes a point")
         return k
     checks = {"queries": torch.isfinite(queries).all(), "points": torch.isfinite(points).all()}
     if exclude is not None and exclude.numel():
@@ -228,7 +239,15 @@ def _check_fd_args(inputs, outputs, query_idx, k, scale) -> int:
     if scale is not None:
         check_tensor("scale", scale, shape=(width,), dtypes=(inputs.dtype,), device=inputs.device,
                      what="[i] positive per-column scale of inputs")
-    if not value_checks_allowed(inputs):
+    if not _common.device_side(inputs) and not value_checks_allowed(inputs):
+        return k
+    if _common.device_side(inputs):
+        torch._assert_async(torch.isfinite(inputs).all(), "inputs must be finite (no NaN or inf entries)")
+        if scale is not None:
+            torch._assert_async(((scale > 0) & torch.isfinite(scale)).all(), "scale entries must be positive and finite")
+        if query_idx.numel():
+            lo, hi = torch.aminmax(query_idx)
+            torch._assert_async((lo >= 0) & (hi < n), "query_idx entries must be in [0, N)")
         return k
     checks = {"inputs": torch.isfinite(inputs).all()}
     if scale is not None:

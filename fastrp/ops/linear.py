@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ._common import check_tensor, eager_autograd, resolve_backend
+from ._common import check_precision, check_tensor, eager_autograd, resolve_backend
 
 __all__ = ["ensemble_linear", "ensemble_linear_ref"]
 
@@ -23,6 +23,7 @@ def ensemble_linear(
     scale: Optional[torch.Tensor] = None,
     *,
     backend: Optional[str] = None,
+    precision: str = "ieee",
 ) -> torch.Tensor:
     """Per-member affine map ``(x @ weight) * scale[:, None, None] + bias[:, None, :]``.
 
@@ -34,6 +35,8 @@ def ensemble_linear(
         backend: None (auto: ``"triton"`` on CUDA, ``"torch"`` on CPU), ``"triton"`` (one fused
             launch: GEMM with scale and bias in the epilogue; also runs on CPU under
             ``TRITON_INTERPRET=1``) or ``"torch"`` (``bmm`` with explicit backward formulas).
+        precision: the Triton matmul's input precision, ``"ieee"`` (default), ``"tf32"`` or
+            ``"tf32x3"``, as in :func:`fastrp.ops.ensemble_mlp`.
 
     Returns:
         ``[E, B, out]``, differentiable in ``x``, ``weight``, ``bias`` and ``scale``. float32
@@ -55,10 +58,11 @@ def ensemble_linear(
                      what=f"[E={E}, out={d_out}] like x's dtype")
     if scale is not None:
         check_tensor("scale", scale, shape=[E], dtypes=[dtype], device=dev, what=f"[E={E}] like x's dtype")
+    check_precision(precision)
     impl = resolve_backend("ensemble_linear", backend, dev, ("triton", "torch"))
     if eager_autograd(backend, impl, x):
         return ensemble_linear_ref(x, weight, bias, scale)
-    y = _apply(x.reshape(E * B, d_in), None, [weight], [bias], [scale], "silu", impl)
+    y = _apply(x.reshape(E * B, d_in), None, [weight], [bias], [scale], "silu", impl, precision)
     return y.view(E, B, d_out)
 
 

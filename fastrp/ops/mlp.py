@@ -6,30 +6,41 @@ Layers of the op, per ``shared/style.md``:
   without triton);
 * the torch backend: :func:`_torch_forward` / :func:`_torch_backward`, explicit ``bmm`` formulas;
 * registered ops ``fastrp::ensemble_mlp_fwd`` / ``fastrp::ensemble_mlp_bwd`` (``torch.library``
-  custom ops with fake implementations, autograd wired with ``register_autograd``), so
+  custom ops with fake implementations; optional per-layer tensors as ``Tensor?[]``), so
   ``torch.compile(fullgraph=True)`` traces through the op;
-* the public function :func:`ensemble_mlp` (validation, backend choice, the grouped-by-member
-  sort) and the pure-torch reference :func:`ensemble_mlp_ref`.
+* one autograd node per call, :class:`_EnsembleMLPFunction`: its forward and backward call the
+  registered ops while torch.compile traces, and their implementations directly otherwise (the
+  dispatcher's Python round trip costs more host time than the whole op at RL sizes);
+* the public function :func:`ensemble_mlp` (validation, cached per call signature; backend
+  choice; the grouped-by-member sort) and the pure-torch reference :func:`ensemble_mlp_ref`.
 
 The op works on rows ``x2d [R, d_0]`` plus an optional segment table ``seg [E + 1]`` (member ``e``
 owns rows ``seg[e]:seg[e+1]``); ``seg=None`` means the dense layout, ``R = E·B`` rows with member
 ``e`` owning rows ``e·B:(e+1)·B``. :func:`fastrp.ops.ensemble_linear` is the same op with one layer.
+
+No op path reads a device value back to the host (capture-safe): the segment table is computed
+on the device, the Triton launchers read nothing back, and the torch backend's grouped path on a
+GPU runs every member on every row and keeps each row's own member (``E`` times the work, no
+sync); on the CPU it slices rows by the host's copy of the table.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
+from . import _common
 from ._common import (
     act as _act,
     act_backward as _act_backward,
     check_activation,
     check_layers,
+    check_precision,
     check_tensor,
     eager_autograd,
+    is_compiling,
     resolve_backend,
     value_checks_allowed,
 )
@@ -41,151 +52,169 @@ _BACKENDS = ("triton", "torch")
 
 
 # ----------------------------------------------------------------------------------------------
-# torch backend: explicit formulas, writing into the packed outputs of the registered ops
+# torch backend: explicit formulas
 
 
-def _segments(seg: Optional[torch.Tensor], E: int, R: int) -> List[Tuple[int, int]]:
-    """Row range of each member. Grouped rows read ``seg`` back to the host (one sync per call;
-    the torch backend is the CPU path, where that costs nothing)."""
-    if seg is None:
-        B = R // E
-        return [(e * B, (e + 1) * B) for e in range(E)]
-    bounds = seg.tolist()
-    return [(bounds[e], bounds[e + 1]) for e in range(E)]
-
-
-class _Rows:
-    """Views of row-major ``[R, d]`` activations per member: dense ``[E, B, d]`` (``seg=None``)
-    or grouped rows with member ``e`` owning ``bounds[e]``."""
-
-    def __init__(self, seg: Optional[torch.Tensor], E: int, R: int):
-        self.dense = seg is None
-        self.E, self.R = E, R
-        self.bounds = _segments(seg, E, R)
-
-    def view(self, t: torch.Tensor, d: int) -> torch.Tensor:
-        return t.view(self.E, self.R // self.E, d) if self.dense else t.view(self.R, d)
-
-    def matmul_into(self, out, a, b, transpose_a=False, transpose_b=False):
-        """``out[e] = a[e] @ b[e]`` per member (``a``/``b`` rows or weights, optionally transposed)."""
-        if self.dense:
-            torch.bmm(a.transpose(1, 2) if transpose_a else a, b.transpose(1, 2) if transpose_b else b, out=out)
-            return
-        for e, (r0, r1) in enumerate(self.bounds):
-            if transpose_a:  # a: rows, b: rows -> out[e] weight-shaped
-                torch.mm(a[r0:r1].T, b[r0:r1], out=out[e])
-            else:  # a: rows, b: weights -> out rows
-                torch.mm(a[r0:r1], b[e].T if transpose_b else b[e], out=out[r0:r1])
-
-    def scale_rows_(self, t, s):
-        if self.dense:
-            t.mul_(s[:, None, None])
+def _dense_forward(h, weights, biases, scales, activation):
+    """``h [E, B, d_0]`` through every layer: ``(y [E, B, d_L], saved)`` with ``saved`` the hidden
+    pre-activations ``z_l`` then post-activations ``act(z_l)`` (``[E, B, d]`` each), what the
+    backward reads instead of recomputing them."""
+    L = len(weights)
+    zs, hs = [], []
+    for l in range(L):
+        w, b, s = weights[l], biases[l], scales[l]
+        if b is not None and s is None:
+            z = torch.baddbmm(b.unsqueeze(1), h, w)
         else:
-            for e, (r0, r1) in enumerate(self.bounds):
-                t[r0:r1].mul_(s[e])
+            z = torch.bmm(h, w)
+            if s is not None:
+                z.mul_(s[:, None, None])
+            if b is not None:
+                z.add_(b.unsqueeze(1))
+        if l == L - 1:
+            return z, zs + hs
+        h = _act(z, activation)
+        zs.append(z)
+        hs.append(h)
+    raise AssertionError("unreachable: weights is non-empty")
 
-    def add_bias_(self, t, b):
-        if self.dense:
-            t.add_(b[:, None, :])
-        else:
-            for e, (r0, r1) in enumerate(self.bounds):
-                t[r0:r1].add_(b[e])
 
-    def sum_rows_into(self, out, t):
-        if self.dense:
-            torch.sum(t, 1, out=out)
+def _dense_backward(dz, x, saved, weights, scales, activation, need_dx, need_params):
+    """Gradients of :func:`_dense_forward` for ``grad_y = dz [E, B, d_L]``."""
+    E = x.shape[0]
+    L = len(weights)
+    zs, hs = saved[:L - 1], saved[L - 1:]
+    dws: List[torch.Tensor] = [None] * L if need_params else []  # type: ignore[list-item]
+    dbs: List[torch.Tensor] = [None] * L if need_params else []  # type: ignore[list-item]
+    ds = x.new_zeros(E, L if need_params else 0)
+    dx = x.new_empty(0, x.shape[2])
+    for l in reversed(range(L)):
+        w, s = weights[l], scales[l]
+        h = x if l == 0 else hs[l - 1]
+        if need_params:
+            a = torch.bmm(h.transpose(1, 2), dz)  # A = h^T dz
+            dbs[l] = dz.sum(1)
+            if s is not None:
+                ds[:, l] = (a * w).sum((1, 2))  # <A, W>
+                a.mul_(s[:, None, None])
+            dws[l] = a
+        if l == 0 and not need_dx:
+            break
+        g = torch.bmm(dz, w.transpose(1, 2))  # dz W^T
+        if s is not None:
+            g.mul_(s[:, None, None])
+        if l > 0:
+            dz = _act_backward(g, zs[l - 1], h, activation)
         else:
-            for e, (r0, r1) in enumerate(self.bounds):
-                torch.sum(t[r0:r1], 0, out=out[e])
+            dx = g
+    return dx, dws, dbs, ds
+
+
+def _row_members(seg: torch.Tensor, R: int) -> torch.Tensor:
+    """Member of each of ``R`` rows grouped by member (on the device: no host read)."""
+    return torch.searchsorted(seg[1:], torch.arange(R, device=seg.device, dtype=seg.dtype), right=True)
+
+
+def _member(tensors, e):
+    return [None if t is None else t[e:e + 1] for t in tensors]
 
 
 def _torch_forward(x, seg, weights, biases, scales, activation):
-    E, R, L = weights[0].shape[0], x.shape[0], len(weights)
-    dims = [x.shape[1]] + [int(w.shape[2]) for w in weights]
-    rows = _Rows(seg, E, R)
-    x = x.contiguous()
-    y = x.new_empty(R, dims[-1])
-    zflat = x.new_empty(R * sum(dims[1:-1]))
-    h, off = rows.view(x, dims[0]), 0
-    for l in range(L):
-        d = dims[l + 1]
-        z = rows.view(y if l == L - 1 else zflat[off:off + R * d], d)
-        rows.matmul_into(z, h, weights[l])
-        if scales[l] is not None:
-            rows.scale_rows_(z, scales[l])
-        if biases[l] is not None:
-            rows.add_bias_(z, biases[l])
-        if l < L - 1:
-            h = _act(z, activation)
-            off += R * d
-    return y, zflat
+    """Rows ``x [R, d_0]`` -> ``(y [R, d_L], saved hidden activations)``: the ``2 (L - 1)``
+    tensors of :func:`_dense_forward` (grouped rows: each ``[E, R, d]`` on a GPU, every member
+    on every row; ``[1, R, d]`` on the CPU, each member's rows filled in by member)."""
+    E, R = weights[0].shape[0], x.shape[0]
+    if seg is None:
+        y, saved = _dense_forward(x.reshape(E, R // E, x.shape[1]), weights, biases, scales, activation)
+        return y.view(R, -1), saved
+    if _common.device_side(x):
+        # every member on every row (no host read of the split), each row keeps its member's output
+        y_all, saved = _dense_forward(x.unsqueeze(0).expand(E, R, x.shape[1]), weights, biases, scales, activation)
+        return y_all[_row_members(seg, R), torch.arange(R, device=x.device)], saved
+    bounds = seg.tolist()  # CPU: the table is already on the host
+    y = x.new_empty(R, weights[-1].shape[2])
+    saved = [x.new_empty(1, R, w.shape[2]) for w in weights[:-1] for _ in (0, 1)]
+    saved = saved[0::2] + saved[1::2]
+    for e in range(E):
+        r0, r1 = bounds[e], bounds[e + 1]
+        if r1 > r0:
+            y_e, saved_e = _dense_forward(x[None, r0:r1], _member(weights, e), _member(biases, e),
+                                          _member(scales, e), activation)
+            y[r0:r1] = y_e[0]
+            for dst, src in zip(saved, saved_e):
+                dst[:, r0:r1] = src
+    return y, saved
 
 
-def _torch_backward(grad_y, x, seg, weights, scales, zflat, activation, need_dx, need_params):
+def _torch_backward(grad_y, x, seg, weights, scales, saved, activation, need_dx, need_params):
     E, R, L = weights[0].shape[0], x.shape[0], len(weights)
-    dims = [x.shape[1]] + [int(w.shape[2]) for w in weights]
-    rows = _Rows(seg, E, R)
-    x, zflat = x.contiguous(), zflat.contiguous()
-    dx = x.new_empty(R if need_dx else 0, dims[0])
-    dw = x.new_empty(sum(w.numel() for w in weights) if need_params else 0)
-    db = x.new_empty(E * sum(dims[1:]) if need_params else 0)
+    if seg is None:
+        B = R // E
+        dx, dws, dbs, ds = _dense_backward(grad_y.reshape(E, B, -1), x.reshape(E, B, -1), saved, weights, scales,
+                                           activation, need_dx, need_params)
+        return dx.reshape(-1, x.shape[1]), dws, dbs, ds
+    if _common.device_side(x):
+        g_all = grad_y.new_zeros(E, R, grad_y.shape[1])
+        g_all[_row_members(seg, R), torch.arange(R, device=x.device)] = grad_y
+        dx, dws, dbs, ds = _dense_backward(g_all, x.unsqueeze(0).expand(E, R, x.shape[1]), saved, weights, scales,
+                                           activation, need_dx, need_params)
+        return (dx.sum(0) if need_dx else dx), dws, dbs, ds
+    bounds = seg.tolist()
+    dx = x.new_zeros(R if need_dx else 0, x.shape[1])
+    dws = [torch.zeros_like(w) for w in weights] if need_params else []
+    dbs = [x.new_zeros(E, w.shape[2]) for w in weights] if need_params else []
     ds = x.new_zeros(E, L if need_params else 0)
-    z_offs = [0]
-    for l in range(L - 1):
-        z_offs.append(z_offs[-1] + R * dims[l + 1])
-    w_offs, b_offs = [0], [0]
-    for l in range(L):
-        w_offs.append(w_offs[-1] + E * dims[l] * dims[l + 1])
-        b_offs.append(b_offs[-1] + E * dims[l + 1])
-    dz = rows.view(grad_y.contiguous(), dims[-1])
-    for l in reversed(range(L)):
-        d_in, d_out = dims[l], dims[l + 1]
-        w, s = weights[l], scales[l]
-        if l == 0:
-            z_in, h = None, rows.view(x, d_in)
-        else:
-            z_in = rows.view(zflat[z_offs[l - 1]:z_offs[l]], d_in)
-            h = _act(z_in, activation)
+    for e in range(E):
+        r0, r1 = bounds[e], bounds[e + 1]
+        if r1 == r0:
+            continue
+        dxe, dwe, dbe, dse = _dense_backward(grad_y[None, r0:r1], x[None, r0:r1], [t[:, r0:r1] for t in saved],
+                                             _member(weights, e), _member(scales, e), activation, need_dx,
+                                             need_params)
+        if need_dx:
+            dx[r0:r1] = dxe[0]
         if need_params:
-            dw_l = dw[w_offs[l]:w_offs[l + 1]].view(E, d_in, d_out)
-            rows.matmul_into(dw_l, h, dz, transpose_a=True)  # A = h^T dz
-            rows.sum_rows_into(db[b_offs[l]:b_offs[l + 1]].view(E, d_out), dz)
-            if s is not None:
-                ds[:, l] = (dw_l * w).sum((1, 2))  # <A, W>
-                dw_l.mul_(s[:, None, None])
-        if l == 0 and not need_dx:
-            break
-        g = rows.view(dx, d_in) if l == 0 else torch.empty_like(h)
-        rows.matmul_into(g, dz, w, transpose_b=True)  # dz W^T
-        if s is not None:
-            rows.scale_rows_(g, s)
-        if l > 0:
-            dz = _act_backward(g, z_in, h, activation)
-    return dx, dw, db, ds
+            for l in range(L):
+                dws[l][e] = dwe[l][0]
+                dbs[l][e] = dbe[l][0]
+            ds[e] = dse[0]
+    return dx, dws, dbs, ds
 
 
 # ----------------------------------------------------------------------------------------------
-# registered ops
+# implementations and registered ops
 
 
-@functools.lru_cache(maxsize=None)
-def _dense_seg(E: int, R: int, device: torch.device) -> torch.Tensor:
-    """``seg`` of the dense layout (member ``e`` owns rows ``e·B:(e+1)·B``), cached per shape so
-    the forward and backward launch no ``arange``. Never evicted (a few bytes per shape): a table
-    re-created inside a CUDA-graph trees' warm-up would be allocated in their private pool."""
-    B = R // E
-    return torch.arange(E + 1, device=device, dtype=torch.int64) * B
+def _forward_impl(x, seg, weights, biases, scales, activation, impl, precision):
+    """``(y [R, d_L], saved)``: ``saved`` is what the backward reads, a list of tensors: one flat
+    buffer of hidden pre-activations (Triton), or per hidden layer its pre- and post-activations
+    (torch; see :func:`_torch_forward`)."""
+    if impl == "triton":
+        from fastrp.kernels import ensemble_mlp as kern
+
+        y, z = kern.mlp_forward(x, seg, weights, biases, scales, activation, precision)
+        return y, [z]
+    return _torch_forward(x, seg, weights, biases, scales, activation)
 
 
-def _expand(present: List[torch.Tensor], layers: List[int], L: int) -> List[Optional[torch.Tensor]]:
-    full: List[Optional[torch.Tensor]] = [None] * L
-    for t, l in zip(present, layers):
-        full[l] = t
-    return full
+def _backward_impl(grad_y, x, seg, weights, scales, saved, activation, impl, precision, need_dx, need_params):
+    if impl == "triton":
+        from fastrp.kernels import ensemble_mlp as kern
+
+        return kern.mlp_backward(grad_y, x, seg, weights, scales, saved[0], activation, precision, need_dx,
+                                 need_params)
+    return _torch_backward(grad_y, x, seg, weights, scales, saved, activation, need_dx, need_params)
 
 
-# Optional biases / scales travel as the list of present tensors plus their layer indices: a
-# ``Tensor?[]`` argument holding None is not differentiable through ``register_autograd``.
+def _saved_fake(x, seg, weights, impl) -> List[torch.Tensor]:
+    R, E = x.shape[0], weights[0].shape[0]
+    if impl == "triton":
+        return [x.new_empty(R * sum(w.shape[2] for w in weights[:-1]))]
+    if seg is None:
+        shapes = [(E, R // E, w.shape[2]) for w in weights[:-1]]
+    else:
+        shapes = [(E if _common.device_side(x) else 1, R, w.shape[2]) for w in weights[:-1]]
+    return [x.new_empty(s) for s in shapes + shapes]
 
 
 @torch.library.custom_op("fastrp::ensemble_mlp_fwd", mutates_args=())
@@ -193,36 +222,19 @@ def _mlp_fwd_op(
     x: torch.Tensor,
     seg: Optional[torch.Tensor],
     weights: List[torch.Tensor],
-    biases: List[torch.Tensor],
-    bias_layers: List[int],
-    scales: List[torch.Tensor],
-    scale_layers: List[int],
+    biases: List[Optional[torch.Tensor]],
+    scales: List[Optional[torch.Tensor]],
     activation: str,
     impl: str,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows ``x [R, d_0]`` -> ``(y [R, d_L], hidden pre-activations packed flat, packed weights,
-    packed scales)``. The Triton backend returns the flat weight buffer and the ``[L, E]`` scale
-    table its kernels read, so the backward reuses them instead of packing again; the torch
-    backend returns them empty."""
-    L = len(weights)
-    b_full, s_full = _expand(biases, bias_layers, L), _expand(scales, scale_layers, L)
-    if impl == "triton":
-        from fastrp.kernels import ensemble_mlp as kern
-
-        E, R = weights[0].shape[0], x.shape[0]
-        seg_t = _dense_seg(E, R, x.device) if seg is None else seg
-        return kern.mlp_forward(x, seg_t, seg is not None, weights, b_full, s_full, activation)
-    y, zflat = _torch_forward(x, seg, weights, b_full, s_full, activation)
-    return y, zflat, x.new_empty(0), x.new_empty(0, 0)
+    precision: str,
+) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """Rows ``x [R, d_0]`` -> ``(y [R, d_L], saved activations)`` (see :func:`_forward_impl`)."""
+    return _forward_impl(x, seg, weights, biases, scales, activation, impl, precision)
 
 
 @_mlp_fwd_op.register_fake
-def _(x, seg, weights, biases, bias_layers, scales, scale_layers, activation, impl):
-    R, E, L = x.shape[0], weights[0].shape[0], len(weights)
-    hidden = sum(int(w.shape[2]) for w in weights[:-1])
-    triton = impl == "triton"
-    return (x.new_empty(R, weights[-1].shape[2]), x.new_empty(R * hidden),
-            x.new_empty(sum(w.numel() for w in weights) if triton else 0), x.new_empty((L, E) if triton else (0, 0)))
+def _(x, seg, weights, biases, scales, activation, impl, precision):
+    return x.new_empty(x.shape[0], weights[-1].shape[2]), _saved_fake(x, seg, weights, impl)
 
 
 @torch.library.custom_op("fastrp::ensemble_mlp_bwd", mutates_args=())
@@ -231,130 +243,76 @@ def _mlp_bwd_op(
     x: torch.Tensor,
     seg: Optional[torch.Tensor],
     weights: List[torch.Tensor],
-    scales: List[torch.Tensor],
-    scale_layers: List[int],
-    zflat: torch.Tensor,
-    w_packed: torch.Tensor,
-    s_packed: torch.Tensor,
+    scales: List[Optional[torch.Tensor]],
+    saved: List[torch.Tensor],
     activation: str,
     impl: str,
+    precision: str,
     need_dx: bool,
     need_params: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`_mlp_fwd_op` for every layer, packed: ``dx [R, d_0]``, the weight
-    gradients flat (layer after layer, each ``[E, d_l, d_{l+1}]``), the bias gradients flat
-    (``[E, d_{l+1}]`` each) and the scale gradients ``[E, L]``. Packed outputs let the fused
-    backward write straight into them; :func:`_backward` splits them into views. ``w_packed`` /
-    ``s_packed`` are the packed parameters returned by the Triton forward (unused by torch).
-
-    ``need_dx=False`` skips the first layer's data GEMM (``dx`` has 0 rows); ``need_params=False``
-    skips the weight/bias/scale reductions (those three outputs have 0 elements, ``ds`` is
-    ``[E, 0]``): the backward of frozen parameters costs no weight-gradient work."""
-    s_full = _expand(scales, scale_layers, len(weights))
-    if impl == "triton":
-        from fastrp.kernels import ensemble_mlp as kern
-
-        E, R = weights[0].shape[0], x.shape[0]
-        seg_t = _dense_seg(E, R, x.device) if seg is None else seg
-        return kern.mlp_backward(grad_y, x, seg_t, seg is not None, weights, w_packed, s_packed, zflat, activation,
-                                 need_dx, need_params)
-    return _torch_backward(grad_y, x, seg, weights, s_full, zflat, activation, need_dx, need_params)
+) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor], torch.Tensor]:
+    """Gradients of :func:`_mlp_fwd_op`: ``dx [R, d_0]``, the weight and bias gradients of every
+    layer and the scale gradients ``[E, L]``. ``need_dx=False`` skips the first layer's data GEMM
+    (``dx`` has 0 rows); ``need_params=False`` skips the weight/bias/scale reductions (empty
+    lists, ``ds`` is ``[E, 0]``): the backward of frozen parameters costs no weight-gradient work."""
+    return _backward_impl(grad_y, x, seg, weights, scales, saved, activation, impl, precision, need_dx, need_params)
 
 
 @_mlp_bwd_op.register_fake
-def _(grad_y, x, seg, weights, scales, scale_layers, zflat, w_packed, s_packed, activation, impl, need_dx, need_params):
+def _(grad_y, x, seg, weights, scales, saved, activation, impl, precision, need_dx, need_params):
     E, L = weights[0].shape[0], len(weights)
-    n_w = sum(w.numel() for w in weights) if need_params else 0
-    n_b = E * sum(int(w.shape[2]) for w in weights) if need_params else 0
-    return (x.new_empty(x.shape[0] if need_dx else 0, x.shape[1]), x.new_empty(n_w), x.new_empty(n_b),
-            x.new_empty(E, L if need_params else 0))
+    dws = [w.new_empty(w.shape) for w in weights] if need_params else []
+    dbs = [x.new_empty(E, w.shape[2]) for w in weights] if need_params else []
+    return x.new_empty(x.shape[0] if need_dx else 0, x.shape[1]), dws, dbs, x.new_empty(E, L if need_params else 0)
 
 
-def _setup_context(ctx, inputs, output):
-    x, seg, weights, biases, bias_layers, scales, scale_layers, activation, impl = inputs
-    _, zflat, w_packed, s_packed = output
-    ctx.mark_non_differentiable(zflat, w_packed, s_packed)
-    ctx.save_for_backward(x, seg, zflat, w_packed, s_packed, *weights, *scales)
-    ctx.bias_layers = list(bias_layers)
-    ctx.scale_layers = list(scale_layers)
-    ctx.activation = activation
-    ctx.impl = impl
-    ctx.L = len(weights)
+class _EnsembleMLPFunction(torch.autograd.Function):
+    """One autograd node per call. ``params`` = weights, then biases, then scales (``L`` each,
+    None where a layer has none)."""
+
+    @staticmethod
+    def forward(ctx, x, seg, spec, *params):
+        L, activation, impl, precision = spec
+        weights, biases, scales = list(params[:L]), list(params[L:2 * L]), list(params[2 * L:])
+        fwd = torch.ops.fastrp.ensemble_mlp_fwd if is_compiling() else _forward_impl
+        y, saved = fwd(x, seg, weights, biases, scales, activation, impl, precision)
+        ctx.spec = spec
+        ctx.has_bias = [b is not None for b in biases]
+        ctx.save_for_backward(x, seg, *weights, *scales, *saved)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        L, activation, impl, precision = ctx.spec
+        x, seg, *rest = ctx.saved_tensors
+        weights, scales, saved = list(rest[:L]), list(rest[L:2 * L]), list(rest[2 * L:])
+        nig = ctx.needs_input_grad
+        need_dx, need_params = nig[0], any(nig[3:])
+        bwd = torch.ops.fastrp.ensemble_mlp_bwd if is_compiling() else _backward_impl
+        dx, dws, dbs, ds = bwd(grad_y, x, seg, weights, scales, saved, activation, impl, precision, need_dx,
+                               need_params)
+        if not need_params:
+            return (dx if need_dx else None, None, None) + (None,) * (3 * L)
+        gb = [dbs[l] if ctx.has_bias[l] else None for l in range(L)]
+        gs = [ds[:, l] if scales[l] is not None else None for l in range(L)]
+        return (dx if need_dx else None, None, None, *dws, *gb, *gs)
 
 
-def _any(flag) -> bool:
-    return any(flag) if isinstance(flag, (list, tuple)) else bool(flag)
-
-
-def _needs(ctx) -> Tuple[bool, bool]:
-    """``(x needs a gradient, some weight / bias / scale does)`` from ``ctx.needs_input_grad``
-    (one entry per op argument, a list of flags for a list argument); both True when its layout
-    is not that."""
-    nig = ctx.needs_input_grad
-    if len(nig) != 9:
-        return True, True
-    return _any(nig[0]), _any(nig[2]) or _any(nig[3]) or _any(nig[5])
-
-
-def _backward(ctx, grad_y, grad_z, grad_w_packed, grad_s_packed):
-    x, seg, zflat, w_packed, s_packed, *rest = ctx.saved_tensors
-    weights, scales = list(rest[: ctx.L]), list(rest[ctx.L:])
-    if grad_y is None:
-        grad_y = x.new_zeros(x.shape[0], weights[-1].shape[2])
-    need_dx, need_params = _needs(ctx)
-    dx, dw, db, ds = _mlp_bwd_op(
-        grad_y, x, seg, weights, scales, ctx.scale_layers, zflat, w_packed, s_packed, ctx.activation, ctx.impl,
-        need_dx, need_params,
-    )
-    no_grad_b = [] if not ctx.bias_layers else None
-    no_grad_s = [] if not ctx.scale_layers else None
-    if not need_params:
-        return (dx if need_dx else None, None, [None] * ctx.L, [None] * len(ctx.bias_layers), no_grad_b,
-                [None] * len(ctx.scale_layers), no_grad_s, None, None)
-    dws, dbs, wo, bo = [], [], 0, 0
-    for w in weights:
-        E, d_in, d_out = w.shape
-        dws.append(dw[wo:wo + E * d_in * d_out].view(E, d_in, d_out))
-        dbs.append(db[bo:bo + E * d_out].view(E, d_out))
-        wo += E * d_in * d_out
-        bo += E * d_out
-    dbs = [dbs[l] for l in ctx.bias_layers]
-    dss = [ds[:, l] for l in ctx.scale_layers]
-    # an empty int list is flattened like an (empty) tensor list, so its "gradient" is [] too
-    return dx if need_dx else None, None, dws, dbs, no_grad_b, dss, no_grad_s, None, None
-
-
-torch.library.register_autograd("fastrp::ensemble_mlp_fwd", _backward, setup_context=_setup_context)
-
-
-def _apply(
-    x2d: torch.Tensor,
-    seg: Optional[torch.Tensor],
-    weights: Sequence[torch.Tensor],
-    biases: Sequence[Optional[torch.Tensor]],
-    scales: Sequence[Optional[torch.Tensor]],
-    activation: str,
-    impl: str,
-) -> torch.Tensor:
-    """Run the registered op on validated rows; returns ``y [R, d_L]``."""
-    bias_layers = [l for l, b in enumerate(biases) if b is not None]
-    scale_layers = [l for l, s in enumerate(scales) if s is not None]
-    y, _, _, _ = _mlp_fwd_op(
-        x2d, seg, list(weights),
-        [biases[l] for l in bias_layers], bias_layers,
-        [scales[l] for l in scale_layers], scale_layers,
-        activation, impl,
-    )
-    return y
+def _apply(x2d, seg, weights, biases, scales, activation, impl, precision="ieee") -> torch.Tensor:
+    """Run the op on validated rows; returns ``y [R, d_L]``."""
+    spec = (len(weights), activation, impl, precision)
+    return _EnsembleMLPFunction.apply(x2d, seg, spec, *weights, *biases, *scales)
 
 
 # ----------------------------------------------------------------------------------------------
-# validation
+# validation (full on the first call of a signature, then a dictionary look-up)
 
 
-def _validate(x, weights, biases, scales, activation, members):
+def _validate(x, weights, biases, scales, activation, members, precision):
     """Check every argument; returns ``(E, widths, biases, scales)`` with None lists expanded."""
     check_activation(activation)
+    check_precision(precision)
     if not isinstance(weights, (list, tuple)) or len(weights) == 0:
         raise ValueError("weights must be a non-empty list of [E, d_l, d_{l+1}] tensors")
     grouped = members is not None
@@ -371,8 +329,58 @@ def _validate(x, weights, biases, scales, activation, members):
     if grouped:
         check_tensor("members", members, shape=[x.shape[0]], dtypes=[torch.int64], device=dev,
                      what=f"[B={x.shape[0]}] int64 member index per row of x")
-        _check_members_range(members, E)
     return E, widths, biases, scales
+
+
+def _meta(t):
+    return None if t is None else (t.shape, t.dtype, t.device)
+
+
+def signature(x, weights, biases, scales, members, *options) -> Optional[tuple]:
+    """A hashable key of everything validation looks at (shapes, dtypes, devices, options), or
+    None when an argument is not of the expected kind (then the full validation explains)."""
+    try:
+        if type(weights) not in (list, tuple) or (biases is not None and type(biases) not in (list, tuple)) \
+                or (scales is not None and type(scales) not in (list, tuple)):
+            return None
+        return (options, _meta(x), _meta(members), tuple(_meta(w) for w in weights),
+                None if biases is None else tuple(_meta(b) for b in biases),
+                None if scales is None else tuple(_meta(s) for s in scales))
+    except (AttributeError, TypeError):
+        return None
+
+
+class SignatureCache(dict):
+    """Validated call signatures -> what validation derived from them (bounded)."""
+
+    def __init__(self, limit: int = 4096):
+        super().__init__()
+        self.limit = limit
+
+    def remember(self, key, value):
+        if key is not None:
+            if len(self) >= self.limit:
+                self.clear()
+            self[key] = value
+        return value
+
+
+_VALIDATED = SignatureCache()
+
+
+def _prepare(x, weights, biases, scales, activation, members, backend, precision):
+    key = signature(x, weights, biases, scales, members, activation, backend, precision)
+    hit = _VALIDATED.get(key) if key is not None else None
+    if hit is None:
+        E, widths, _, _ = _validate(x, weights, biases, scales, activation, members, precision)
+        impl = resolve_backend("ensemble_mlp", backend, x.device, _BACKENDS)
+        hit = _VALIDATED.remember(key, (E, tuple(widths), impl))
+    L = len(weights)
+    biases = [None] * L if biases is None else list(biases)
+    scales = [None] * L if scales is None else list(scales)
+    if members is not None:
+        _check_members_range(members, hit[0])
+    return hit, biases, scales
 
 
 def _check_members_range(members: torch.Tensor, E: int) -> None:
@@ -383,7 +391,7 @@ def _check_members_range(members: torch.Tensor, E: int) -> None:
     uninitialised memory silently."""
     if members.numel() == 0:
         return
-    if members.is_cuda or not value_checks_allowed(members):
+    if _common.device_side(members) or not value_checks_allowed(members):
         torch._assert_async(((members >= 0) & (members < E)).all(), "members must lie in [0, E)")
         return
     lo, hi = torch.stack(torch.aminmax(members)).tolist()
@@ -404,6 +412,7 @@ def ensemble_mlp(
     *,
     members: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
+    precision: str = "ieee",
 ) -> torch.Tensor:
     """Ensemble MLP: ``E`` independent MLPs evaluated in one call.
 
@@ -419,8 +428,12 @@ def ensemble_mlp(
             without a host sync (``torch._assert_async``: a device-side assert error).
         backend: None (auto: ``"triton"`` on CUDA; on CPU the torch formulas under plain
             autograd, see :func:`fastrp.ops._common.eager_autograd`), ``"triton"`` or ``"torch"``
-            (the registered op with its explicit backward). ``"triton"`` also runs on CPU tensors
-            under ``TRITON_INTERPRET=1``.
+            (the op with its explicit backward). ``"triton"`` also runs on CPU tensors under
+            ``TRITON_INTERPRET=1``.
+        precision: the Triton matmuls' input precision: ``"ieee"`` (exact fp32 products, the
+            default), ``"tf32"`` (tensor cores; products of inputs rounded to a 10-bit mantissa)
+            or ``"tf32x3"`` (three TF32 products, about fp32 accuracy on tensor cores). The torch
+            backend and float64 inputs always compute in full precision.
 
     Returns:
         ``[E, B, d_L]`` (``[B, d_L]`` with ``members``) where layer ``l`` computes
@@ -436,23 +449,22 @@ def ensemble_mlp(
 
     The ``"triton"`` backend runs the whole forward in one fused launch (scale, bias and
     activation fused around the GEMMs; hidden pre-activations kept for the backward) and the
-    backward in two (data gradients; per-member weight/bias/scale reductions). Matmuls use exact
-    fp32 (``input_precision="ieee"``). Inputs must be float32 (float64 also works).
+    backward in two (data gradients; per-member weight/bias/scale reductions), reading the
+    parameters in place. Inputs must be float32 (float64 also works).
     """
-    E, widths, biases, scales = _validate(x, weights, biases, scales, activation, members)
-    impl = resolve_backend("ensemble_mlp", backend, x.device, _BACKENDS)
+    (E, widths, impl), biases, scales = _prepare(x, weights, biases, scales, activation, members, backend, precision)
     if eager_autograd(backend, impl, x):
         if members is None:
             return ensemble_mlp_ref(x, weights, biases, scales, activation)
         return _grouped_autograd(x, members, weights, biases, scales, activation)
     if members is None:
         B = x.shape[1]
-        y = _apply(x.reshape(E * B, widths[0]), None, weights, biases, scales, activation, impl)
+        y = _apply(x.reshape(E * B, widths[0]), None, weights, biases, scales, activation, impl, precision)
         return y.view(E, B, widths[-1])
     R = x.shape[0]
     sorted_members, order = torch.sort(members, stable=True)
     seg = torch.searchsorted(sorted_members, torch.arange(E + 1, device=x.device, dtype=members.dtype))
-    y_sorted = _apply(x.index_select(0, order), seg, weights, biases, scales, activation, impl)
+    y_sorted = _apply(x.index_select(0, order), seg, weights, biases, scales, activation, impl, precision)
     return y_sorted.new_empty(R, widths[-1]).index_copy(0, order, y_sorted)
 
 

@@ -13,7 +13,8 @@ training-mode forward of ``torch.nn.utils.parametrizations.spectral_norm`` on ``
 its stored ``_u`` and ``_v``); without ``u``, ``u = normalize(W v)`` is computed once.
 
 ``spectral_norm_layers`` does the same for a list of layers (different shapes, same ensemble
-size) in one kernel launch on the Triton backend.
+size) in one kernel launch on the Triton backend; ``spectral_norm`` is its one-layer case (one
+registered op, ``fastrp::spectral_norm_layers``).
 
 Composed with ``ensemble_linear(x, weight, bias, scale=1/sigma)``, i.e. ``y = x W / sigma``
 with ``A = x^T G``, autograd yields the weight gradient ``A / sigma - (<A, W> / sigma^2) v u^T``
@@ -26,6 +27,7 @@ The backward is the outer product ``grad_sigma * v u^T`` for every backend.
 
 from __future__ import annotations
 
+import numbers
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -132,39 +134,6 @@ def _layers_backward(ctx, grad_sigmas, grad_us, grad_vs):
 _spectral_norm_layers_op.register_autograd(_layers_backward, setup_context=_layers_setup_context)
 
 
-@torch.library.custom_op("fastrp::spectral_norm", mutates_args=())
-def _spectral_norm_op(
-    weight: torch.Tensor,
-    v: torch.Tensor,
-    u: Optional[torch.Tensor],
-    n_power_iterations: int,
-    eps: float,
-    backend: str,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    us = [] if u is None else [u]
-    sigmas, us_out, vs_out = _forward([weight], [v], us, n_power_iterations, eps, backend)
-    return sigmas[0], us_out[0], vs_out[0]
-
-
-@_spectral_norm_op.register_fake
-def _(weight, v, u, n_power_iterations, eps, backend):
-    return weight.new_empty(weight.shape[0]), weight.new_empty(weight.shape[0], weight.shape[2]), torch.empty_like(v)
-
-
-def _setup_context(ctx, inputs, output):
-    _, u, v = output
-    ctx.mark_non_differentiable(u, v)
-    ctx.save_for_backward(u, v)
-
-
-def _spectral_norm_backward(ctx, grad_sigma, grad_u, grad_v):
-    u, v = ctx.saved_tensors
-    return _backward(grad_sigma, u, v), None, None, None, None, None
-
-
-_spectral_norm_op.register_autograd(_spectral_norm_backward, setup_context=_setup_context)
-
-
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
@@ -187,7 +156,8 @@ def _check_layer(layer: str, weight, v, u, ensemble: Optional[int], ref: Optiona
 
 
 def _check_scalars(n_power_iterations, eps):
-    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations < 0:
+    if (isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, numbers.Integral)
+            or n_power_iterations < 0):
         raise ValueError(f"n_power_iterations must be an int >= 0, got {n_power_iterations!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"eps must be a float > 0, got {eps!r}")
@@ -225,8 +195,9 @@ def spectral_norm(
     impl = resolve_backend("spectral_norm", backend, weight.device, _SUPPORTED)
     if eager_autograd(backend, impl, weight):
         return spectral_norm_ref(weight, v, int(n_power_iterations), float(eps), u=u)
-    backend = impl
-    return _spectral_norm_op(weight, v, u, int(n_power_iterations), float(eps), backend)
+    sigmas, us, vs = _spectral_norm_layers_op([weight], [v], [] if u is None else [u], int(n_power_iterations),
+                                              float(eps), impl)
+    return sigmas[0], us[0], vs[0]
 
 
 def spectral_norm_layers(
