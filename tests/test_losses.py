@@ -166,6 +166,7 @@ def test_critic_loss_matches_the_soft_bellman_equation(gamma, alpha):
         _close(got, want)
     assert all(g is None for g in _grads(loss, list(target.parameters()) + list(policy.parameters())))
     _close(info["q_mean"], critic.q(0, batch.obs, batch.action).mean().detach())
+    assert not info["q_mean"].requires_grad  # a metric, not part of any graph
 
 
 def test_critic_loss_without_noise_draws_the_policys_own():
@@ -198,6 +199,7 @@ def test_sac_actor_loss_matches_the_equation(alpha):
     for got, want in zip(_grads(loss, params), _grads(ref, params)):
         _close(got, want)
     assert info["log_prob"].item() == pytest.approx(sum(lps) / B, rel=1e-12)
+    assert not info["log_prob"].requires_grad  # the temperature loss treats it as a constant
 
 
 def test_temperature_loss_value_gradient_and_direction():
@@ -285,6 +287,7 @@ def test_imagined_objective_matches_eq_11(H, alpha):
     _close(info["return"], -ref.detach())
     for key, value in _reference_objective.terms.items():
         assert info[key].item() == pytest.approx(value, rel=1e-10, abs=1e-12), key
+        assert not info[key].requires_grad, key
     params = list(policy.parameters())
     for got, want in zip(_grads(loss, params), _grads(ref, params)):
         _close(got, want)
