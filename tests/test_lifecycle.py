@@ -303,3 +303,30 @@ def test_progress_refreshes_inside_a_long_interval(capsys, monkeypatch):
     out = capsys.readouterr().err
     assert "step 1/100" in out and "ETA 0:01:39" in out
     assert math.isfinite(p.eta(1))
+
+
+def test_checkpoint_of_the_previous_layout_resumes_exactly(tmp_path):
+    """Checkpoints written before the restructuring (each model's optimizer inside the model's
+    ``_extra_state``, ``metrics`` / ``fault`` entries, the ``fault_nan_at`` field, no
+    ``checkpoint_minutes`` / interval / wall time) resume and continue exactly."""
+    args = ["--algo", "ddppo-sn", "--seed", "6", "--checkpoint-every", "100"]
+    assert run_main(tmp_path, *args, "--steps", "300", "--run-name", "full") == 0
+    assert run_main(tmp_path, *args, "--steps", "200", "--run-name", "old") == 0
+    path = tmp_path / "old" / CHECKPOINT_NAME
+    state = load(str(path))
+    agent = state["agent"]
+    for model, fitter in (("model", "model_fitter"), ("grad_model", "grad_model_fitter")):
+        agent[model]["_extra_state"] = {"optimizer": agent.pop(fitter)["optimizer"]}
+    agent.pop("stats")
+    agent["metrics"], agent["fault"] = {"sums": {}, "counts": {}}, torch.ones(())
+    state["config"]["fault_nan_at"] = -1
+    del state["config"]["checkpoint_minutes"]
+    for key in ("interval", "wall_time", "failed_fits"):
+        del state[key]
+    state["host_metrics"] = {}
+    torch.save(state, str(path))
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    config = {k: v for k, v in config.items() if k not in ("sources", "checkpoint_minutes")}
+    (tmp_path / "old" / "config.json").write_text(json.dumps({**config, "fault_nan_at": -1}))
+    assert train.main(["--resume", str(tmp_path / "old"), "--steps", "300", "--progress", "false"]) == 0
+    _same_rows(read_metrics(str(tmp_path / "full")), read_metrics(str(tmp_path / "old")))
