@@ -322,12 +322,79 @@ def test_rp_gradient_variance_matches_the_closed_form_on_a_linear_system():
     # rp_gradient_variance (what the hook and the CLI record) is the same computation, as rows
     rows = rp_gradient_variance(policy, model, critic, pool, [1, 3], num_samples=5, **kw)
     few = rp_gradient_stats(policy, model, critic, pool, [1, 3], num_samples=5, **kw)
-    assert rows == [{"horizon": h, "trace_cov": s.trace_cov, "mean_grad_norm": s.mean_grad_norm, "samples": 5,
-                     "batch": batch} for h, s in few]
+    sq = float(sum(p.detach().square().sum() for p in policy.parameters()))
+    assert [{k: r[k] for k in ("horizon", "trace_cov", "mean_grad_norm", "samples", "batch", "trace_cov_norm")}
+            for r in rows] == [{"horizon": h, "trace_cov": s.trace_cov, "mean_grad_norm": s.mean_grad_norm, "samples": 5,
+                                "batch": batch, "trace_cov_norm": s.trace_cov / sq} for h, s in few]
     assert rows == rp_gradient_variance(policy, model, critic, pool, [1, 3], num_samples=5, **kw)  # seeded
     other_seed = rp_gradient_variance(policy, model, critic, pool, [1, 3], num_samples=5, **{**kw, "seed": 12})
     assert [r["trace_cov"] for r in other_seed] != [r["trace_cov"] for r in rows]
     assert all(p.grad is None and p.requires_grad for p in policy.parameters())
+
+
+@pytest.mark.parametrize("horizon", [0, 1, 3])
+def test_action_gradient_is_the_closed_form_on_a_linear_system(horizon):
+    """With a linear model, policy a = K s and linear reward and critic, J is linear in the first
+    action: dJ/da_0 = p + sum_{t=1}^{H-1} gamma^t B^T (M^T)^{t-1} (q + K^T p) + gamma^H B^T
+    (M^T)^{H-1} (c + K^T d) (H >= 1; d for H = 0), the same for every start state: its mean
+    squared norm is |g|^2 and the trace of its covariance 0. Scaling the policy's parameters
+    changes trace_cov_norm's denominator exactly."""
+    model, policy, critic, pool, _ = _linear_rp_problem()
+    gamma = 0.9
+    K = policy.K.detach()
+    M = model.A + model.Bm @ K
+    if horizon == 0:
+        g = critic.d.clone()
+    else:
+        g = model.p.clone()
+        back = [model.q + K.T @ model.p] * (horizon - 1) + [critic.c + K.T @ critic.d]
+        for t in range(1, horizon + 1):
+            g = g + gamma ** t * model.Bm.T @ torch.linalg.matrix_power(M.T, t - 1) @ back[t - 1]
+    rows = rp_gradient_variance(policy, model, critic, pool, [horizon], gamma=gamma, alpha=0.2, termination_fn=_never,
+                                num_samples=3, batch_size=8, seed=1)
+    assert rows[0]["action_grad_sq"] == pytest.approx(float(g.square().sum()), rel=1e-10)
+    assert abs(rows[0]["action_trace_cov"]) < 1e-20 * float(g.square().sum()) + 1e-24
+    with torch.no_grad():
+        policy.K.mul_(2.0)
+    scaled = rp_gradient_variance(policy, model, critic, pool, [horizon], gamma=gamma, alpha=0.2, termination_fn=_never,
+                                  num_samples=3, batch_size=8, seed=1)
+    sq = float(policy.K.detach().square().sum())
+    assert scaled[0]["trace_cov_norm"] == pytest.approx(scaled[0]["trace_cov"] / sq, rel=1e-12)
+
+
+def test_lipschitz_constants_of_a_linear_model_and_policy():
+    """One linear layer per member (all members equal), identity input normaliser and a linear
+    policy a = K s: the layer-norm product is ||W_mean||_2, one step's Jacobian is
+    [I + W_s^T, W_a^T] and the closed-loop H-step Jacobian is (I + W_s^T + W_a^T K)^H."""
+    from fastrp.diagnostics.lipschitz import lipschitz_bound, step_jacobian_norms, unroll_jacobian_norms
+    from fastrp.nn.model import ProbabilisticEnsemble
+
+    o, a = 3, 2
+    g = torch.Generator().manual_seed(3)
+    model = ProbabilisticEnsemble(o, a, hidden_dim=4, num_layers=0, ensemble_size=3, num_elites=2).double().eval()
+    W = 0.3 * torch.randn(o + a, 2 * (o + 1), generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        model.net.weights[0].copy_(W.expand(3, -1, -1))
+    K = 0.5 * torch.randn(a, o, generator=g, dtype=torch.float64)
+
+    class Linear(torch.nn.Module):
+        act_dim = a
+
+        def forward(self, obs, deterministic=False, noise=None):
+            return obs @ K.T, torch.zeros(obs.shape[0], dtype=obs.dtype)
+
+    states = torch.randn(5, o, generator=g, dtype=torch.float64)
+    mean = W[:, : o + 1]
+    bound = lipschitz_bound(model.net, model.out_dim)
+    torch.testing.assert_close(bound, torch.linalg.matrix_norm(mean, ord=2).expand(3), rtol=1e-12, atol=0)
+    Ws, Wa = W[:o, :o], W[o:, :o]
+    step = torch.cat([torch.eye(o, dtype=torch.float64) + Ws.T, Wa.T], dim=1)
+    norms = step_jacobian_norms(model, Linear(), states, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(norms, torch.linalg.matrix_norm(step, ord=2).expand(5), rtol=1e-10, atol=0)
+    M = torch.eye(o, dtype=torch.float64) + Ws.T + Wa.T @ K
+    for h, n in enumerate(unroll_jacobian_norms(model, Linear(), states, 4, torch.Generator().manual_seed(0)), start=1):
+        torch.testing.assert_close(n, torch.linalg.matrix_norm(torch.linalg.matrix_power(M, h), ord=2).expand(5),
+                                   rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize("with_grad_model", [False, True])
@@ -380,8 +447,15 @@ def test_training_writes_diagnostics_rows(runs):
         for r in jac:
             assert r["horizon"] == "" and int(r["samples"]) == 16
             assert all(0 < float(r[k]) < math.inf for k in ("jac_state_err", "jac_action_err", "pred_mse"))
+        assert all(float(r["action_grad_sq"]) > 0 and float(r["trace_cov_norm"]) > 0 for r in var)
+        lip = [r for r in rows if int(r["env_steps"]) == step and r["kind"] == "lipschitz"]
+        assert [int(r["horizon"]) for r in lip] == [1, 2, 3]
+        assert all(0 < float(r[k]) < math.inf for r in lip for k in ("model_lip_bound", "policy_lip_bound",
+                                                                      "step_jac_norm", "unroll_jac_norm"))
+        assert len({r["model_lip_bound"] for r in lip}) == 1  # the constants, repeated on every H's row
     maac = _rows(runs / "maac" / DIAG_CSV)
-    assert {r["model"] for r in maac} == {"prediction"} and {r["kind"] for r in maac} == {"variance", "jacobian"}
+    assert {r["model"] for r in maac} == {"prediction"}
+    assert {r["kind"] for r in maac} == {"variance", "jacobian", "lipschitz"}
     assert not (runs / "sac" / DIAG_CSV).exists() and not (runs / "off" / DIAG_CSV).exists()
 
 
@@ -489,7 +563,7 @@ def test_hook_keeps_the_rows_of_the_kind_that_worked(runs, tmp_path, monkeypatch
     with pytest.warns(UserWarning, match=f"{failing} diagnostics at env step {run.step} failed and were skipped: "
                                          f"RuntimeError: boom"):
         rows = hook(run.agent, run.buffer, run.step, run.step - run.cfg.log_every)
-    assert {r["kind"] for r in rows} == {"variance", "jacobian"} - {failing}
+    assert {r["kind"] for r in rows} == {"variance", "jacobian", "lipschitz"} - {failing}
     assert _rows(tmp_path / DIAG_CSV) == expected  # the other kind's rows are written, as in training
 
 

@@ -188,7 +188,7 @@ def cmd_variance(args: argparse.Namespace) -> int:
                            f"variance needs maac, rp-sn, ddppo or ddppo-sn")
         _settings(cfg, args)
     curves, written, envs, first_settings = [], [], set(), None
-    print(f"{'run':<28}{'H':>4}{'trace_cov':>14}{'mean_grad_norm':>16}")
+    print(f"{'run':<28}{'H':>4}{'trace_cov':>14}{'mean_grad_norm':>16}{'trace_cov_norm':>16}{'action_grad_sq':>16}")
     for run_dir in args.run_dirs:  # one run in memory at a time (a replay buffer can take GBs)
         run = load_run(run_dir, args.device)
         if not supports_variance(run.agent):
@@ -199,7 +199,8 @@ def cmd_variance(args: argparse.Namespace) -> int:
         first_settings = first_settings or settings
         rows = variance_rows(run.agent, run.buffer, run.cfg, run.step, settings, seed=args.seed)
         for row in rows:
-            print(f"{_label(run):<28}{row['horizon']:>4}{_fmt(row['trace_cov'], 14)}{_fmt(row['mean_grad_norm'], 16)}")
+            print(f"{_label(run):<28}{row['horizon']:>4}{_fmt(row['trace_cov'], 14)}{_fmt(row['mean_grad_norm'], 16)}"
+                  f"{_fmt(row['trace_cov_norm'], 16)}{_fmt(row['action_grad_sq'], 16)}")
         written.append(_write_csv(args, run, rows))
         curves.append((_label(run), [r["horizon"] for r in rows], [r["trace_cov"] for r in rows],
                        [r["mean_grad_norm"] for r in rows]))

@@ -40,30 +40,39 @@ from fastrp.rl.logger import _fmt, truncate_csv
 
 __all__ = ["COLUMNS", "DIAG_CSV", "VARIANCE_ALGOS", "JACOBIAN_ALGOS", "RunError", "LoadedRun", "Settings",
            "read_config", "trained_device", "measurement_device", "load_run", "variance_rows", "jacobian_rows",
+           "lipschitz_rows",
            "supports_variance", "supports_jacobian", "diag_seed", "read_rows", "append_rows", "TrainingDiagnostics"]
 
 DIAG_CSV = "diagnostics.csv"
 """Training-time diagnostics file inside a run directory."""
 
 COLUMNS = ["env_steps", "kind", "model", "horizon", "trace_cov", "mean_grad_norm", "jac_state_err", "jac_action_err",
-           "pred_mse", "samples", "batch"]
+           "pred_mse", "samples", "batch", "trace_cov_norm", "action_grad_sq", "action_trace_cov", "model_lip_bound",
+           "policy_lip_bound", "step_jac_norm", "unroll_jac_norm"]
 """Columns of ``diagnostics.csv`` (long format; empty cell = not applicable to the row's kind):
 
-``env_steps`` step of the measurement; ``kind`` ``variance`` or ``jacobian``; ``model``
-``prediction`` or ``gradient`` (variance rows: the model the policy gradient flows through);
-``horizon`` unroll length H (variance); ``trace_cov`` trace of the covariance of the minibatch
-policy gradient; ``mean_grad_norm`` mean norm of those gradients; ``jac_state_err`` /
-``jac_action_err`` mean relative Frobenius error of the model's ``ds'/ds`` / ``ds'/da`` against
-MuJoCo's; ``pred_mse`` mean squared error of the predicted next observation; ``samples``
-gradient samples per H (variance) or held-out transitions (jacobian); ``batch`` start states per
-minibatch (variance)."""
+``env_steps`` step of the measurement; ``kind`` ``variance``, ``jacobian`` or ``lipschitz``;
+``model`` ``prediction`` or ``gradient`` (variance rows: the model the policy gradient flows
+through); ``horizon`` unroll length H (variance, lipschitz); ``trace_cov`` trace of the
+covariance of the minibatch policy gradient; ``mean_grad_norm`` mean norm of those gradients;
+``jac_state_err`` / ``jac_action_err`` mean relative Frobenius error of the model's ``ds'/ds`` /
+``ds'/da`` against MuJoCo's; ``pred_mse`` mean squared error of the predicted next observation;
+``samples`` gradient samples per H (variance) or held-out transitions (jacobian) or start states
+(lipschitz); ``batch`` start states per minibatch (variance); ``trace_cov_norm`` ``trace_cov /
+||theta||^2``; ``action_grad_sq`` / ``action_trace_cov`` mean squared norm and trace of the
+covariance of the per-state gradient ``dJ/da_0`` w.r.t. the first action
+(:class:`fastrp.diagnostics.variance.ActionGradientStats`: independent of the policy's
+parameterisation); ``model_lip_bound`` / ``policy_lip_bound`` product of the layers' spectral
+norms (model: mean over elites, mean head; policy: mean head); ``step_jac_norm`` mean spectral
+norm of one model step's Jacobian ``ds'/d[s, a]``; ``unroll_jac_norm`` mean spectral norm of the
+closed-loop ``ds_H/ds_0`` (:mod:`fastrp.diagnostics.lipschitz`)."""
 
 VARIANCE_ALGOS = ("maac", "rp-sn", "ddppo", "ddppo-sn")
 """Algorithms with a model-based RP policy gradient (the variance diagnostic)."""
 JACOBIAN_ALGOS = ("mbpo",) + VARIANCE_ALGOS
 """Algorithms with a learned dynamics model (the model gradient error diagnostic)."""
 
-VARIANCE_STREAM, POOL_STREAM, JACOBIAN_STREAM = 1, 2, 3
+VARIANCE_STREAM, POOL_STREAM, JACOBIAN_STREAM, LIPSCHITZ_STREAM = 1, 2, 3, 4
 _SEED_TAG = 0xD1A6
 
 
@@ -298,7 +307,40 @@ def variance_rows(agent, buffer: ReplayBuffer, cfg: Config, step: int, settings:
                                  seed=diag_seed(base, step, VARIANCE_STREAM))
     model = "gradient" if grad_model is not None else "prediction"
     return [_row(step, "variance", model, horizon=s["horizon"], trace_cov=s["trace_cov"],
-                 mean_grad_norm=s["mean_grad_norm"], samples=s["samples"], batch=s["batch"]) for s in stats]
+                 mean_grad_norm=s["mean_grad_norm"], samples=s["samples"], batch=s["batch"],
+                 trace_cov_norm=s["trace_cov_norm"], action_grad_sq=s["action_grad_sq"],
+                 action_trace_cov=s["action_trace_cov"]) for s in stats]
+
+
+def lipschitz_rows(agent, buffer: ReplayBuffer, cfg: Config, step: int, settings: Settings,
+                   seed: Optional[int] = None) -> List[Dict[str, object]]:
+    """The Lipschitz constants of ``agent``'s prediction model and policy (:mod:`fastrp.diagnostics.lipschitz`):
+    the layer-norm products, and along real unrolls from ``min(settings.states, 256)`` replay-buffer
+    states (drawn like the variance pool, with :func:`diag_seed` ``(seed, step, LIPSCHITZ_STREAM)``)
+    the mean spectral norm of one model step's Jacobian and of the closed-loop ``ds_H/ds_0`` for
+    ``H = 1 .. settings.max_horizon``. One row per H (the constants repeated)."""
+    from fastrp.diagnostics.lipschitz import lipschitz_bound, step_jacobian_norms, unroll_jacobian_norms
+
+    if not supports_variance(agent):
+        raise RunError(f"algorithm {cfg.algo!r} has no model-based policy gradient: the Lipschitz diagnostic "
+                       f"needs maac, rp-sn, ddppo or ddppo-sn")
+    if len(buffer) == 0:
+        raise RunError("the replay buffer is empty: no start states")
+    settings.validate()
+    base = cfg.seed if seed is None else seed
+    gen = torch.Generator(device=buffer.device)
+    gen.manual_seed(diag_seed(base, step, LIPSCHITZ_STREAM))
+    idx = torch.randperm(len(buffer), generator=gen, device=buffer.device)[: min(settings.states, 256)]
+    states = buffer.gather(idx).obs
+    model, policy = agent.model, agent.policy
+    with frozen_modules([policy, model, agent.critic, agent.grad_model]):
+        model_bound = float(lipschitz_bound(model.net, model.out_dim)[model.elite_idx].mean())
+        policy_bound = float(lipschitz_bound(policy.net, policy.act_dim)[0])
+        step_norm = float(step_jacobian_norms(model, policy, states, gen).mean())
+        unroll = unroll_jacobian_norms(model, policy, states, max(settings.max_horizon, 1), gen)
+    return [_row(step, "lipschitz", "prediction", horizon=h + 1, model_lip_bound=model_bound,
+                 policy_lip_bound=policy_bound, step_jac_norm=step_norm, unroll_jac_norm=float(norms.mean()),
+                 samples=int(states.shape[0])) for h, norms in enumerate(unroll)]
 
 
 def jacobian_rows(agent, cfg: Config, step: int, settings: Settings, seed: Optional[int] = None,
@@ -428,7 +470,9 @@ class TrainingDiagnostics:
         rows: List[Dict[str, object]] = []
         kinds = (("variance", supports_variance(agent), lambda: variance_rows(agent, buffer, cfg, step,
                                                                                 self.settings)),
-                 ("jacobian", supports_jacobian(agent), lambda: jacobian_rows(agent, cfg, step, self.settings)))
+                 ("jacobian", supports_jacobian(agent), lambda: jacobian_rows(agent, cfg, step, self.settings)),
+                 ("lipschitz", supports_variance(agent), lambda: lipschitz_rows(agent, buffer, cfg, step,
+                                                                                 self.settings)))
         for kind, supported, measure in kinds:
             if not supported:
                 continue
@@ -443,8 +487,13 @@ class TrainingDiagnostics:
         if tb is not None:
             for row in rows:
                 if row["kind"] == "variance":
-                    tb.add_scalar(f"diagnostics/trace_cov/H{row['horizon']}", row["trace_cov"], step)
-                    tb.add_scalar(f"diagnostics/mean_grad_norm/H{row['horizon']}", row["mean_grad_norm"], step)
+                    for key in ("trace_cov", "mean_grad_norm", "trace_cov_norm", "action_grad_sq", "action_trace_cov"):
+                        tb.add_scalar(f"diagnostics/{key}/H{row['horizon']}", row[key], step)
+                elif row["kind"] == "lipschitz":
+                    tb.add_scalar(f"diagnostics/unroll_jac_norm/H{row['horizon']}", row["unroll_jac_norm"], step)
+                    if row["horizon"] == 1:
+                        for key in ("model_lip_bound", "policy_lip_bound", "step_jac_norm"):
+                            tb.add_scalar(f"diagnostics/{key}", row[key], step)
                 else:
                     for key in ("jac_state_err", "jac_action_err", "pred_mse"):
                         tb.add_scalar(f"diagnostics/{row['model']}/{key}", row[key], step)

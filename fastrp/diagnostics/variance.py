@@ -24,15 +24,15 @@ all of this invisible to a training run.
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from fastrp.algos.common import frozen_modules
 from fastrp.algos.losses import imagined_objective
 
-__all__ = ["GradientStats", "flat_gradient", "gradient_covariance_trace", "rp_gradient_stats", "rp_gradient_variance",
-           "frozen_modules"]
+__all__ = ["GradientStats", "ActionGradientStats", "flat_gradient", "gradient_covariance_trace", "rp_gradient_stats",
+           "rp_gradient_variance", "frozen_modules"]
 
 
 class GradientStats(NamedTuple):
@@ -47,6 +47,38 @@ class GradientStats(NamedTuple):
     mean_grad_norm: float
     mean_grad: torch.Tensor
     num_samples: int
+
+
+class ActionGradientStats(NamedTuple):
+    """The RP gradient seen in action space, which does not depend on how the policy is
+    parameterised (spectral normalization rescales the parameter gradient, not this).
+
+    For every start state ``b`` of every minibatch, ``g_b = d J_b / d a_0`` with the first action
+    ``a_0`` held as a leaf: how the imagined return through the model (reward, the model steps,
+    the later actions and the terminal value) changes with the action the policy takes at the
+    start state; ``log pi(a_0)`` is held fixed. ``grad_sq = mean_b ||g_b||^2`` and
+    ``trace_cov = sum_d Var_b(g_b[d])`` (unbiased) over all ``num_samples x batch_size`` states.
+    """
+
+    grad_sq: float
+    trace_cov: float
+    count: int
+
+
+class _FirstActionLeaf:
+    """A policy whose first call returns its action detached as a leaf that requires grad (and a
+    detached log-probability); later calls are the policy's own."""
+
+    def __init__(self, policy):
+        self.policy, self.act_dim = policy, policy.act_dim
+        self.leaf: Optional[torch.Tensor] = None
+
+    def __call__(self, obs, **kwargs):
+        action, log_prob = self.policy(obs, **kwargs)
+        if self.leaf is None:
+            self.leaf = action.detach().requires_grad_(True)
+            return self.leaf, log_prob.detach()
+        return action, log_prob
 
 
 def flat_gradient(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -115,6 +147,7 @@ def rp_gradient_stats(
     num_samples: int = 16,
     batch_size: int = 64,
     seed: int = 0,
+    action_stats: Optional[List[ActionGradientStats]] = None,
 ) -> List[Tuple[int, GradientStats]]:
     """Statistics of the RP policy gradient through ``model`` for each unroll length in ``horizons``.
 
@@ -151,6 +184,9 @@ def rp_gradient_stats(
         num_samples: gradient samples per H (``>= 2``).
         batch_size: start states per minibatch (``>= 1``).
         seed: generator seed.
+        action_stats: when a list is given, one :class:`ActionGradientStats` per H is appended
+            to it (each minibatch is then also unrolled with its first action as a leaf, from the
+            same random draws; the parameter-gradient samples are unchanged).
 
     Returns:
         ``[(H, GradientStats), ...]`` in the order of ``horizons`` (``GradientStats.mean_grad``
@@ -175,24 +211,71 @@ def rp_gradient_stats(
             gen = torch.Generator(device=device)
             gen.manual_seed(int(seed))
 
+            welford = {"n": 0, "mean": None, "m2": None, "sq": 0.0}
+
             def sample(_: int, horizon: int = horizon) -> torch.Tensor:
                 idx = torch.randint(states.shape[0], (batch_size,), generator=gen, device=device)
+                before = gen.get_state()
                 loss, _ = imagined_objective(policy, model, critic, states[idx], horizon, gamma, alpha,
                                              termination_fn, grad_model=grad_model, generator=gen)
-                return flat_gradient(loss, params)
+                flat = flat_gradient(loss, params)
+                if action_stats is not None:
+                    after = gen.get_state()
+                    gen.set_state(before)  # the same draws, the first action as a leaf
+                    leaf_policy = _FirstActionLeaf(policy)
+                    leaf_loss, _ = imagined_objective(leaf_policy, model, critic, states[idx], horizon, gamma, alpha,
+                                                      termination_fn, grad_model=grad_model, generator=gen)
+                    (g,) = torch.autograd.grad(leaf_loss, [leaf_policy.leaf], allow_unused=True)
+                    g = torch.zeros_like(leaf_policy.leaf) if g is None else g
+                    per_state = (-batch_size * g).detach().double()  # loss = -mean_b J_b
+                    _welford_rows(welford, per_state)
+                    gen.set_state(after)
+                return flat
 
             out.append((horizon, gradient_covariance_trace(sample, num_samples)))
+            if action_stats is not None:
+                n = welford["n"]
+                trace = float(welford["m2"].sum()) / (n - 1) if n > 1 else float("nan")
+                action_stats.append(ActionGradientStats(welford["sq"] / n, trace, n))
     return out
+
+
+def _welford_rows(acc: Dict[str, object], rows: torch.Tensor) -> None:
+    """Merge the rows of ``rows[B, d]`` into running count / mean / M2 and the sum of squared norms."""
+    n_b = rows.shape[0]
+    mean_b = rows.mean(dim=0)
+    m2_b = (rows - mean_b).square().sum(dim=0)
+    if acc["mean"] is None:
+        acc["n"], acc["mean"], acc["m2"] = n_b, mean_b, m2_b
+    else:
+        n_a = acc["n"]
+        delta = mean_b - acc["mean"]
+        n = n_a + n_b
+        acc["mean"] = acc["mean"] + delta * n_b / n
+        acc["m2"] = acc["m2"] + m2_b + delta.square() * n_a * n_b / n
+        acc["n"] = n
+    acc["sq"] += float(rows.square().sum())
 
 
 def rp_gradient_variance(*args, **kwargs) -> List[Dict[str, float]]:
     """:func:`rp_gradient_stats` as table rows (what the training hook and the CLI record).
 
     Takes exactly the arguments of :func:`rp_gradient_stats` and draws the same samples. Returns
-    one dict per H, in order: ``{"horizon", "trace_cov", "mean_grad_norm", "samples", "batch"}``.
+    one dict per H, in order: ``{"horizon", "trace_cov", "trace_cov_norm", "mean_grad_norm",
+    "action_grad_sq", "action_trace_cov", "samples", "batch"}``, where ``trace_cov_norm`` is
+    ``trace_cov / ||theta||^2`` (the policy's parameter vector: a scale-free version) and the
+    ``action_*`` entries are :class:`ActionGradientStats` (independent of the policy's
+    parameterisation, so runs with and without spectral normalization compare fairly).
     """
     bound = inspect.signature(rp_gradient_stats).bind(*args, **kwargs)
     bound.apply_defaults()
     batch_size = bound.arguments["batch_size"]
-    return [{"horizon": h, "trace_cov": s.trace_cov, "mean_grad_norm": s.mean_grad_norm, "samples": s.num_samples,
-             "batch": batch_size} for h, s in rp_gradient_stats(*args, **kwargs)]
+    policy = bound.arguments["policy"]
+    actions: List[ActionGradientStats] = []
+    bound.arguments["action_stats"] = actions
+    stats = rp_gradient_stats(*bound.args, **bound.kwargs)
+    with torch.no_grad():
+        sq_norm = float(sum(p.detach().double().square().sum() for p in policy.parameters()))
+    return [{"horizon": h, "trace_cov": s.trace_cov, "trace_cov_norm": s.trace_cov / sq_norm if sq_norm > 0 else float("nan"),
+             "mean_grad_norm": s.mean_grad_norm, "action_grad_sq": a.grad_sq, "action_trace_cov": a.trace_cov,
+             "samples": s.num_samples, "batch": batch_size} for (h, s), a in zip(stats, actions)]
