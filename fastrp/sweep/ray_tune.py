@@ -82,7 +82,10 @@ def run_trial(config: Dict[str, object]) -> None:
     run_dir = os.path.join(sweep_dir, trial.name)
     record = read_record(sweep_dir, trial.name)
     if record["status"] in ("done", "diverged"):  # finished after Tune last saved its state
-        _report(read_rows(run_dir), trial.steps, int(record["attempts"][-1]["exit_code"]))  # type: ignore[index]
+        code = int(record["attempts"][-1]["exit_code"])  # type: ignore[index]
+        with open(log_path(sweep_dir, trial.name), "a") as log:
+            log.write(f"[sweep] already finished (trainer exit code {code}): not run again\n")
+        _report(read_rows(run_dir), trial.steps, code)
         return
     os.makedirs(os.path.dirname(log_path(sweep_dir, trial.name)), exist_ok=True)
     with open(log_path(sweep_dir, trial.name), "a") as log:

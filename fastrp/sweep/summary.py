@@ -35,11 +35,15 @@ bootstrap confidence interval."""
 
 def iqm(values: np.ndarray, axis: int = -1) -> np.ndarray:
     """Interquartile mean along ``axis``: the mean after cutting ``floor(n / 4)`` of the sorted
-    values from each end (``scipy.stats.trim_mean(values, 0.25, axis)``)."""
-    values = np.sort(np.asarray(values, dtype=np.float64), axis=axis)
+    values from each end (``scipy.stats.trim_mean(values, 0.25, axis)``); NaN where any value is
+    NaN (a NaN must not be cut away as if it were the largest value)."""
+    values = np.asarray(values, dtype=np.float64)
+    has_nan = np.isnan(values).any(axis=axis)
+    values = np.sort(values, axis=axis)
     n = values.shape[axis]
     cut = int(0.25 * n)
-    return np.take(values, np.arange(cut, n - cut), axis=axis).mean(axis=axis)
+    out = np.take(values, np.arange(cut, n - cut), axis=axis).mean(axis=axis)
+    return np.where(has_nan, np.nan, out)
 
 
 def iqm_bootstrap_ci(values: Sequence[float], reps: int = BOOTSTRAP_REPS, confidence: float = 0.95,
