@@ -206,6 +206,15 @@ def test_resume_and_summary_need_a_sweep_directory(tmp_path, capsys):
     assert "not a sweep directory" in err[0] and "--grid: not allowed with --summary" in err[1]
 
 
+def test_unreachable_address_is_one_line_and_creates_nothing(tmp_path, capsys):
+    pytest.importorskip("ray")
+    sweep_dir = tmp_path / "sweep"
+    assert main(["--sweep-dir", str(sweep_dir), *TINY, "--grid", "seed=0", "--address", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--address 127.0.0.1:1: no Ray cluster answers there" in err
+    assert not sweep_dir.exists()  # a corrected command can start the same sweep
+
+
 def test_without_ray_says_how_to_install_it(tmp_path):
     code = ("import runpy, sys; sys.modules['ray'] = None; "  # import ray now raises ImportError
             "sys.argv = ['fastrp.sweep'] + sys.argv[1:]; runpy.run_module('fastrp.sweep', run_name='__main__')")
@@ -346,3 +355,19 @@ def test_sigkilled_sweep_resumes_only_unfinished_trials(tmp_path, ray_address):
         steps = int(n.split(",")[0].split("=")[1])
         assert _steps(os.path.join(sweep_dir, n)) == list(range(50, steps + 1, 50)), n  # each step exactly once
     assert {r["steps"]: int(r["n"]) for r in _summary(sweep_dir)} == {"200": 2, "1500": 2}
+
+
+def test_diverged_trial_is_a_result_not_retried(tmp_path, ray_address):
+    sweep_dir = str(tmp_path / "sweep")
+    proc = subprocess.run(_sweep_cmd("--sweep-dir", sweep_dir, "--grid", "fault_nan_at=-1,60", *TINY, "--set",
+                                     "algo=sac", "--set", "steps=300", "--max-retries", "2", "--address", ray_address),
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # not every trial finished
+    ok, bad = read_record(sweep_dir, "fault_nan_at=-1"), read_record(sweep_dir, "fault_nan_at=60")
+    assert ok["status"] == "done" and bad["status"] == "diverged"
+    assert [a["exit_code"] for a in bad["attempts"]] == [3]  # no retry: it would diverge again
+    assert "1 trials did not finish: fault_nan_at=60 (diverged)" in proc.stderr
+    assert "sweep: 1/2 done, 0 running, 1 failed, 0 pending" in proc.stderr
+    rows = {r["fault_nan_at"]: r for r in _summary(sweep_dir)}
+    assert (rows["-1"]["finished"], rows["60"]["finished"]) == ("1", "0")
+    assert int(rows["-1"]["env_steps"]) == 300 and int(rows["60"]["env_steps"]) < 300

@@ -155,13 +155,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ImportError:
         print(f"{PROG}: error: {INSTALL_HINT}", file=sys.stderr)
         return 1
+    try:
+        ray_tune.connect(args.address, args.num_cpus, ray_tune.trial_resources(spec))
+    except SweepError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
     if not args.resume:
         spec_mod.save_spec(sweep_dir, spec)
     trials = spec_mod.trials_of(spec)
     print(f"{PROG}: {len(trials)} trials in {sweep_dir} ({' x '.join(f'{k} {len(v)}' for k, v in spec['grid'])}); "
           f"trainer logs in {os.path.join(sweep_dir, spec_mod.STATE_DIR, 'logs')}", file=sys.stderr)
     try:
-        statuses = ray_tune.run_sweep(spec, sweep_dir, args.address, args.num_cpus, resume=bool(args.resume))
+        statuses = ray_tune.run_sweep(spec, sweep_dir, resume=bool(args.resume))
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; continue with {PROG} --resume {sweep_dir}", file=sys.stderr)
         return 130

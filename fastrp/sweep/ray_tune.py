@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence
 import ray
 from ray import tune
 
-from fastrp.sweep.spec import Trial, log_path, read_record, record_path, state_dir, trials_of, write_json_atomic
+from fastrp.sweep.spec import SweepError, Trial, log_path, read_record, record_path, state_dir, trials_of, write_json_atomic
 from fastrp.sweep.summary import read_rows, run_result
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -239,32 +239,52 @@ def _name_creator(trial) -> str:
     return _trial_name(trial)
 
 
-def run_sweep(spec: Dict[str, object], sweep_dir: str, address: Optional[str], num_cpus: Optional[int],
-              resume: bool) -> Dict[str, str]:
-    """Run (or with ``resume``, continue) the sweep on Ray; returns each trial's final status from
-    its record (done, diverged, failed, or pending / running for a trial left unfinished)."""
+def connect(address: Optional[str], num_cpus: Optional[int], per_trial: Dict[str, float]) -> None:
+    """Join the Ray cluster at ``address``, or start a local instance (``num_cpus``, default all);
+    raises :class:`SweepError` when that fails or, on a local instance, when one trial needs more
+    CPUs / GPUs than it has."""
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # the run directories hold the results
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    trials = trials_of(spec)
     init: Dict[str, object] = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     if address:
+        _check_reachable(address)
         init["address"] = address
     else:
         init.update(address="local", num_cpus=num_cpus)
-    ray.init(**init)
+    try:
+        ray.init(**init)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SweepError(f"--address {address or 'local'}: could not start or join Ray: {first}") from None
     # Tune's own result files are off (the run directories hold the results): keep its result
     # reader from warning that they are missing
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     try:
-        resources = {"cpu": int(spec["cpus_per_trial"])}
-        if float(spec["gpus_per_trial"]) > 0:
-            resources["gpu"] = float(spec["gpus_per_trial"])
-        trainable = tune.with_resources(run_trial, resources)
+        _check_resources(per_trial, local=not address)
+    except SweepError:
+        ray.shutdown()
+        raise
+
+
+def trial_resources(spec: Dict[str, object]) -> Dict[str, float]:
+    resources: Dict[str, float] = {"cpu": int(spec["cpus_per_trial"])}  # type: ignore[arg-type]
+    if float(spec["gpus_per_trial"]) > 0:  # type: ignore[arg-type]
+        resources["gpu"] = float(spec["gpus_per_trial"])  # type: ignore[arg-type]
+    return resources
+
+
+def run_sweep(spec: Dict[str, object], sweep_dir: str, resume: bool) -> Dict[str, str]:
+    """Run (or with ``resume``, continue) the sweep on the Ray that :func:`connect` joined, and
+    leave it; returns each trial's final status from its record (done, diverged, failed, or
+    pending / running for a trial left unfinished)."""
+    trials = trials_of(spec)
+    try:
+        trainable = tune.with_resources(run_trial, trial_resources(spec))
         experiment = os.path.join(state_dir(sweep_dir), TUNE_NAME)
         if resume and tune.Tuner.can_restore(experiment):
             tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
         else:
-            max_concurrent = int(spec["max_concurrent"])
+            max_concurrent = int(spec["max_concurrent"])  # type: ignore[arg-type]
             tuner = tune.Tuner(
                 trainable,
                 param_space={"sweep_dir": sweep_dir,
@@ -273,11 +293,33 @@ def run_sweep(spec: Dict[str, object], sweep_dir: str, address: Optional[str], n
                                             trial_name_creator=_name_creator, trial_dirname_creator=_name_creator),
                 run_config=tune.RunConfig(name=TUNE_NAME, storage_path=state_dir(sweep_dir), verbose=0,
                                           callbacks=[ProgressLine()],
-                                          failure_config=tune.FailureConfig(max_failures=int(spec["max_retries"]))))
+                                          failure_config=tune.FailureConfig(max_failures=int(spec["max_retries"]))))  # type: ignore[arg-type]
         tuner.fit()
     finally:
         ray.shutdown()
     return statuses(sweep_dir, trials)
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast (Ray itself retries for minutes) when a HOST:PORT address accepts no connection."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", ray:// client addresses: left to Ray
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as err:
+        raise SweepError(f"--address {address}: no Ray cluster answers there ({err.strerror or err})") from None
+
+
+def _check_resources(per_trial: Dict[str, float], local: bool) -> None:
+    """A trial that needs more than the whole (local) Ray instance has would wait forever."""
+    have = ray.cluster_resources()
+    short = [f"{need:g} {kind.upper()}s per trial, the {'local Ray instance' if local else 'cluster'} has "
+             f"{have.get(kind.upper(), 0):g}" for kind, need in per_trial.items() if need > have.get(kind.upper(), 0)]
+    if short and local:
+        raise SweepError(f"--{'gpus' if 'GPU' in short[0] else 'cpus'}-per-trial: {short[0]}")
+    for text in short:  # a cluster may still grow (autoscaler, nodes joining)
+        print(f"python -m fastrp.sweep: warning: {text}; trials wait until such nodes join", file=sys.stderr)
 
 
 def statuses(sweep_dir: str, trials: Sequence[Trial]) -> Dict[str, str]:
