@@ -36,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                f"  {PROG} --sweep-dir sweeps/ip --grid algo=sac,ddppo-sn --grid seed=0-4 --set env=InvertedPendulum\n"
                f"  {PROG} --resume sweeps/ip        # after the command was killed: runs only the unfinished trials\n"
                f"  {PROG} --summary sweeps/ip       # rebuild summary.csv and curves_<env>.png (also while running)\n"
-               "exit codes: 0 every trial finished; 1 a trial failed, diverged or is unfinished (the summary is\n"
-               "still written), or Ray is not installed; 2 bad command line; 130 interrupted")
+               "exit codes: 0 every trial finished; 1 a trial failed, diverged or is unfinished (e.g. after\n"
+               "Ctrl-C; the summary is still written), or Ray is not installed; 2 bad command line;\n"
+               "130 a second Ctrl-C")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--sweep-dir", metavar="DIR",
                       help="start a new sweep in DIR (created; must not hold a sweep already)")

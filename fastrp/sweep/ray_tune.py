@@ -189,13 +189,13 @@ class ProgressLine(tune.Callback):
             self.baseline.setdefault(_trial_name(trial), steps)
             gained += max(0, steps - self.baseline[_trial_name(trial)])
             total_steps += int(info["steps"])
-            if trial.status == "TERMINATED":
-                counts["done" if result.get("exit_code", 0) == 0 else "failed"] += 1
+            if trial.status == "TERMINATED" and "exit_code" in result:
+                counts["done" if result["exit_code"] == 0 else "failed"] += 1
                 done_steps += int(info["steps"])
             elif trial.status == "ERROR":
                 counts["failed"] += 1
                 done_steps += int(info["steps"])
-            else:
+            else:  # a TERMINATED trial without an exit code was stopped (Ctrl-C): unfinished
                 counts["running" if trial.status == "RUNNING" else "pending"] += 1
                 done_steps += steps
             value = result.get("best_eval")
@@ -257,8 +257,9 @@ def connect(address: Optional[str], num_cpus: Optional[int], per_trial: Dict[str
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SweepError(f"--address {address or 'local'}: could not start or join Ray: {first}") from None
     # Tune's own result files are off (the run directories hold the results): keep its result
-    # reader from warning that they are missing
+    # reader from warning that they are missing; after Ctrl-C, the sweep's own line says how to resume
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    logging.getLogger("ray.tune.tune").addFilter(lambda record: "Tuner.restore" not in record.getMessage())
     try:
         _check_resources(per_trial, local=not address)
     except SweepError:
