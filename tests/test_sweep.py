@@ -261,7 +261,7 @@ def test_two_algos_two_seeds(tmp_path, ray_address):
     assert list(_summary(sweep_dir)[0]) == ["env", "algo"] + STAT_COLUMNS
     for algo in ("sac", "mbpo"):
         row, final, best = rows[algo], finals[algo], bests[algo]
-        assert (row["env"], int(row["n"]), int(row["finished"]), int(row["env_steps"])) == ("InvertedPendulum", 2, 2, 200)
+        assert (row["env"], row["n"], row["finished"], row["env_steps"]) == ("InvertedPendulum", "2", "2", "200")
         assert float(row["final_eval_mean"]) == pytest.approx((final[0] + final[1]) / 2, rel=1e-5)
         assert float(row["final_eval_std"]) == pytest.approx(abs(final[0] - final[1]) / 2, rel=1e-5, abs=1e-9)
         assert float(row["best_eval_mean"]) == pytest.approx((best[0] + best[1]) / 2, rel=1e-5)
@@ -343,6 +343,7 @@ def test_sigkilled_sweep_resumes_only_unfinished_trials(tmp_path, ray_address):
     resumed = subprocess.run(_sweep_cmd("--resume", sweep_dir, "--address", ray_address), capture_output=True,
                              text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "restoring Ray Tune's experiment state" in resumed.stderr
     for n in short:  # finished before the kill: not run again
         assert len(_attempts(sweep_dir, n)) == 1
         assert (open(os.path.join(sweep_dir, n, "metrics.csv")).read(),

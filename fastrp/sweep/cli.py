@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 from fastrp.sweep import spec as spec_mod
 from fastrp.sweep.spec import SweepError
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check(args: argparse.Namespace, argv: Sequence[str]) -> None:
+def _check(args: argparse.Namespace) -> None:
     defaults = vars(build_parser().parse_args(["--summary", "x"]))
     if args.resume or args.summary:
         allowed = RESUME_OPTIONS if args.resume else ()
@@ -135,7 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
-        _check(args, argv)
+        _check(args)
         if args.summary:
             sweep_dir = os.path.abspath(args.summary)
             spec = spec_mod.load_spec(sweep_dir, "--summary")

@@ -15,7 +15,6 @@ last saved state still shows as unfinished return at once instead of running aga
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import math
 import os
@@ -28,7 +27,8 @@ from typing import Dict, List, Optional, Sequence
 import ray
 from ray import tune
 
-from fastrp.sweep.spec import SweepError, Trial, log_path, read_record, record_path, state_dir, trials_of, write_json_atomic
+from fastrp.sweep.spec import (SweepError, Trial, log_path, read_record, record_path, state_dir, trials_of,
+                               write_json_atomic)
 from fastrp.sweep.summary import read_rows, run_result
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -283,9 +283,14 @@ def run_sweep(spec: Dict[str, object], sweep_dir: str, resume: bool) -> Dict[str
         trainable = tune.with_resources(run_trial, trial_resources(spec))
         experiment = os.path.join(state_dir(sweep_dir), TUNE_NAME)
         if resume and tune.Tuner.can_restore(experiment):
+            print(f"python -m fastrp.sweep: restoring Ray Tune's experiment state from {experiment}", file=sys.stderr)
             tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
         else:
-            max_concurrent = int(spec["max_concurrent"])  # type: ignore[arg-type]
+            if resume:  # killed before Tune saved any state: every trial again, each from its own checkpoint
+                print(f"python -m fastrp.sweep: no Ray Tune experiment state in {experiment} yet; starting every "
+                      "trial again (finished ones return at once, the others continue from their checkpoints)",
+                      file=sys.stderr)
+            max_concurrent, max_retries = int(spec["max_concurrent"]), int(spec["max_retries"])  # type: ignore
             tuner = tune.Tuner(
                 trainable,
                 param_space={"sweep_dir": sweep_dir,
@@ -294,7 +299,7 @@ def run_sweep(spec: Dict[str, object], sweep_dir: str, resume: bool) -> Dict[str
                                             trial_name_creator=_name_creator, trial_dirname_creator=_name_creator),
                 run_config=tune.RunConfig(name=TUNE_NAME, storage_path=state_dir(sweep_dir), verbose=0,
                                           callbacks=[ProgressLine()],
-                                          failure_config=tune.FailureConfig(max_failures=int(spec["max_retries"]))))  # type: ignore[arg-type]
+                                          failure_config=tune.FailureConfig(max_failures=max_retries)))
         tuner.fit()
     finally:
         ray.shutdown()

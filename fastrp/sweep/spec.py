@@ -12,7 +12,7 @@ import itertools
 import json
 import os
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from fastrp.config import CliError, Config, parse_args
 

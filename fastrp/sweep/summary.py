@@ -149,7 +149,8 @@ def format_table(header: List[str], rows: List[List[str]]) -> str:
             [cells[k] for k in keys]
             + [seeds, f"{num['final_eval_mean']:.1f} ± {num['final_eval_std']:.1f}",
                f"{num['best_eval_mean']:.1f} ± {num['best_eval_std']:.1f}",
-               f"{num['final_eval_iqm']:.1f} [{num['final_eval_iqm_ci_low']:.1f}, {num['final_eval_iqm_ci_high']:.1f}]"])
+               f"{num['final_eval_iqm']:.1f} "
+               f"[{num['final_eval_iqm_ci_low']:.1f}, {num['final_eval_iqm_ci_high']:.1f}]"])
             + " |")
     return "\n".join(lines)
 
@@ -165,11 +166,12 @@ def write_curves(sweep_dir: str, spec: Dict[str, object]) -> List[str]:
         run_dir = os.path.join(sweep_dir, trial.name)
         if run_result(read_rows(run_dir))["final"] is None or not os.path.isfile(os.path.join(run_dir, "config.json")):
             continue
-        label = " ".join(f"{k}={trial.values[k]}" for k in keys) or trial.env
+        label = " ".join(f"{k}={trial.values[k]}" for k in keys)
         by_env.setdefault(trial.env, []).append((run_dir, label))
     written = []
     for env, runs in sorted(by_env.items()):
         out = os.path.join(sweep_dir, f"curves_{env}.png")
-        learning_curves_figure([d for d, _ in runs], out, labels=[label for _, label in runs])
+        labels = [label for _, label in runs] if keys else None  # seeds only: fastrp.plot labels by algo
+        learning_curves_figure([d for d, _ in runs], out, labels=labels)
         written.append(out)
     return written
