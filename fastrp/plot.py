@@ -214,8 +214,10 @@ def group_labels(runs: Sequence[RunCurves]) -> List[Tuple[str, str]]:
     return labels
 
 
-def group_curves(runs: Sequence[RunCurves], x: str = "env_steps") -> Dict[Tuple[str, str], Dict[str, object]]:
-    """Mean and std per group of runs (:func:`group_labels`), aligned on env steps.
+def group_curves(runs: Sequence[RunCurves], x: str = "env_steps",
+                 labels: Optional[Sequence[str]] = None) -> Dict[Tuple[str, str], Dict[str, object]]:
+    """Mean and std per group of runs (:func:`group_labels`, or ``labels``: one per run, runs of
+    one env with equal labels form a group), aligned on env steps.
 
     Returns ``{(env, label): {"x", "mean", "std", "count", "seeds", "algo", "label", "runs"}}``:
     at every env step where at least one run of the group has a value, ``mean`` / ``std``
@@ -226,8 +228,11 @@ def group_curves(runs: Sequence[RunCurves], x: str = "env_steps") -> Dict[Tuple[
     """
     if x not in X_CHOICES:
         raise PlotError(f"--x: choose from {', '.join(X_CHOICES)}, got {x!r}")
+    if labels is not None and len(labels) != len(runs):
+        raise PlotError(f"labels: expected one per run ({len(runs)}), got {len(labels)}")
+    keys = group_labels(runs) if labels is None else [(r.env, str(label)) for r, label in zip(runs, labels)]
     groups: Dict[Tuple[str, str], List[RunCurves]] = {}
-    for run, key in zip(runs, group_labels(runs)):
+    for run, key in zip(runs, keys):
         groups.setdefault(key, []).append(run)
     out: Dict[Tuple[str, str], Dict[str, object]] = {}
     for key, members in groups.items():
@@ -254,9 +259,11 @@ def group_curves(runs: Sequence[RunCurves], x: str = "env_steps") -> Dict[Tuple[
 
 
 def learning_curves_figure(run_dirs: Sequence[str], out: str, metric: str = "eval_return_mean",
-                           x: str = "env_steps") -> str:
+                           x: str = "env_steps", labels: Optional[Sequence[str]] = None) -> str:
     """Draw the learning curves of ``run_dirs`` into the PNG ``out`` (see the module docstring);
-    returns ``out``. Raises :class:`PlotError` on bad input or when no run has a value of the metric."""
+    returns ``out``. ``labels`` (one per run directory) replaces the grouping by config: runs of
+    one env with equal labels are averaged into one curve. Raises :class:`PlotError` on bad input
+    or when no run has a value of the metric."""
     if not run_dirs:
         raise PlotError("give at least one run directory")
     if x not in X_CHOICES:
@@ -264,7 +271,7 @@ def learning_curves_figure(run_dirs: Sequence[str], out: str, metric: str = "eva
     runs = [read_run(d, metric) for d in run_dirs]
     if all(r.values.size == 0 for r in runs):
         raise PlotError(f"--metric: no run has a value of {metric!r} yet")
-    groups = group_curves(runs, x)
+    groups = group_curves(runs, x, labels)
     envs = sorted({env for env, _ in groups})
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(envs), figsize=(5.0 * len(envs), 3.6), squeeze=False, layout="constrained")

@@ -1,0 +1,5 @@
+import sys
+
+from fastrp.sweep.cli import main
+
+sys.exit(main())
