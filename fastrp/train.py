@@ -215,7 +215,7 @@ class Trainer:
 
     def _last_good(self) -> str:
         if self.last_good_step is None:
-            return "no checkpoint was written before"
+            return "no checkpoint has been written yet"
         return f"the last good checkpoint (env step {self.last_good_step}) is {self.ckpt_path}"
 
     def save(self, wall_total: float, interval_elapsed: float) -> None:
@@ -453,6 +453,7 @@ def _check_belongs(run_dir: str, values: Dict[str, object]) -> None:
 def setup(argv: Sequence[str]) -> Tuple[Config, Dict[str, str], str, Optional[dict]]:
     """Parse ``argv`` into ``(config, sources, run_dir, resume_state or None)``; raises :class:`CliError`."""
     cfg, sources = parse_args_with_sources(argv)
+    check_machine(cfg)
     if cfg.cuda_graphs and not torch.cuda.is_available():
         raise CliError("--cuda-graphs: needs a CUDA device (torch sees none)")
     if not cfg.resume:
@@ -481,10 +482,19 @@ def setup(argv: Sequence[str]) -> Tuple[Config, Dict[str, str], str, Optional[di
     validate(resumed)
     if resumed.steps < int(state["step"]):
         raise CliError(f"--steps: the run is already at env step {state['step']}")
+    check_machine(resumed)
     if resumed.cuda_graphs and not torch.cuda.is_available():
         raise CliError("--cuda-graphs: needs a CUDA device (torch sees none)")
     resolve_device(resumed.device)
     return resumed, sources, run_dir, state
+
+
+def check_machine(cfg: Config) -> None:
+    """What only this machine can tell: ``--cpu-threads`` must not exceed its cores (a config that
+    is valid elsewhere, e.g. on a sweep's worker nodes, can still be refused here)."""
+    cores = os.cpu_count() or 1
+    if cfg.cpu_threads > cores:
+        raise CliError(f"--cpu-threads: must be <= {cores} (the CPU cores of this machine), got {cfg.cpu_threads}")
 
 
 def banner(cfg: Config, sources: Dict[str, str], run_dir: str, device: torch.device, resume_step: Optional[int]) -> str:

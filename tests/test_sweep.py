@@ -328,7 +328,7 @@ def test_sigkilled_sweep_resumes_only_unfinished_trials(tmp_path, ray_address):
             return all(os.path.exists(os.path.join(sweep_dir, n, "checkpoint.pt"))
                        and len(_rows(os.path.join(sweep_dir, n))) >= 4 for n in long)
 
-        _wait_for(long_runs_checkpointed, 300, "both long trials to checkpoint")
+        _wait_for(long_runs_checkpointed, 900, "both long trials to checkpoint")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -359,16 +359,18 @@ def test_sigkilled_sweep_resumes_only_unfinished_trials(tmp_path, ray_address):
 
 
 def test_diverged_trial_is_a_result_not_retried(tmp_path, ray_address):
+    """A critic learning rate of 1e30 makes every update non-finite: the trainer stops with exit
+    code 3 (diverged), which the sweep records as a result and does not retry."""
     sweep_dir = str(tmp_path / "sweep")
-    proc = subprocess.run(_sweep_cmd("--sweep-dir", sweep_dir, "--grid", "fault_nan_at=-1,60", *TINY, "--set",
+    proc = subprocess.run(_sweep_cmd("--sweep-dir", sweep_dir, "--grid", "critic_lr=3e-4,1e30", *TINY, "--set",
                                      "algo=sac", "--set", "steps=300", "--max-retries", "2", "--address", ray_address),
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 1, proc.stderr[-3000:]  # not every trial finished
-    ok, bad = read_record(sweep_dir, "fault_nan_at=-1"), read_record(sweep_dir, "fault_nan_at=60")
+    ok, bad = read_record(sweep_dir, "critic_lr=0.0003"), read_record(sweep_dir, "critic_lr=1e+30")
     assert ok["status"] == "done" and bad["status"] == "diverged"
     assert [a["exit_code"] for a in bad["attempts"]] == [3]  # no retry: it would diverge again
-    assert "1 trials did not finish: fault_nan_at=60 (diverged)" in proc.stderr
+    assert "1 trials did not finish: critic_lr=1e+30 (diverged)" in proc.stderr
     assert "sweep: 1/2 done, 0 running, 1 failed, 0 pending" in proc.stderr
-    rows = {r["fault_nan_at"]: r for r in _summary(sweep_dir)}
-    assert (rows["-1"]["finished"], rows["60"]["finished"]) == ("1", "0")
-    assert int(rows["-1"]["env_steps"]) == 300 and int(rows["60"]["env_steps"]) < 300
+    rows = {r["critic_lr"]: r for r in _summary(sweep_dir)}
+    assert (rows["0.0003"]["finished"], rows["1e+30"]["finished"]) == ("1", "0")
+    assert int(rows["0.0003"]["env_steps"]) == 300 and int(rows["1e+30"]["env_steps"]) < 300

@@ -27,14 +27,13 @@ from typing import Dict, List, Optional, Sequence
 import ray
 from ray import tune
 
+from fastrp.rl.checkpoint import CHECKPOINT_NAME  # what python -m fastrp.train --resume reads
 from fastrp.sweep.spec import (SweepError, Trial, log_path, read_record, record_path, state_dir, trials_of,
                                write_json_atomic)
 from fastrp.sweep.summary import read_rows, run_result
+from fastrp.train import EXIT_DIVERGED  # a diverged run is a result, not a crash: not retried
 
-CHECKPOINT_NAME = "checkpoint.pt"
-"""The trainer's checkpoint file in a run directory (what ``python -m fastrp.train --resume`` reads)."""
-EXIT_DIVERGED = 3
-"""The trainer's exit code for a diverged run: a result, not a crash, so it is not retried."""
+
 POLL_S = 1.0
 TUNE_NAME = "tune"
 
