@@ -108,7 +108,9 @@ class Config:
     obs_norm: bool = True
     """Normalise the observations the policy and critic see by running mean / std over every real observation (std clipped to [0.1, 10]; RP-PGM)."""
     policy_spectral_norm: bool = False
-    """Spectral normalization on the policy's hidden layers (RP-PGM's placement)."""
+    """Spectral normalization on the policy (its layers: policy_sn_layers)."""
+    policy_sn_layers: str = "hidden"
+    """Policy layers spectral normalization covers: hidden (RP-PGM's code: all but the output layer) or all (paper 000's text)."""
     # ---- models ------------------------------------------------------------------------------------
     ensemble_size: int = 7
     """Members of the prediction (and gradient) ensemble."""
@@ -320,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, choices=DEVICES, **kwargs)
         elif f.name == "preset":
             parser.add_argument(flag, choices=PRESETS, **kwargs)
+        elif f.name == "policy_sn_layers":
+            parser.add_argument(flag, choices=("hidden", "all"), **kwargs)
         else:
             parser.add_argument(flag, type=kind, **kwargs)
     return parser
@@ -451,6 +455,7 @@ def validate(cfg: "Config") -> None:
         (cfg.diag_samples >= 2, f"--diag-samples: must be >= 2 (a sample variance), got {cfg.diag_samples}"),
         (cfg.device in DEVICES, f"--device: choose from {', '.join(DEVICES)}"),
         (cfg.preset in PRESETS, f"--preset: choose from {', '.join(PRESETS)}"),
+        (cfg.policy_sn_layers in ("hidden", "all"), f"--policy-sn-layers: choose from hidden, all, got {cfg.policy_sn_layers!r}"),
         (name_ok, f"--run-name: must be a plain directory name inside --logdir (no '/', '..'), got {cfg.run_name!r}"),
     ]
     for ok, message in checks:
@@ -473,7 +478,7 @@ def parse_args_with_sources(argv: Optional[Sequence[str]] = None) -> Tuple["Conf
 # Fields added after the first release, with the value that reproduces how runs without them
 # behaved (checkpoints of such runs hold a config without these keys).
 _LEGACY_DEFAULTS: Dict[str, object] = {"obs_norm": False, "model_max_steps": 0, "diag_every": 0,
-                                       "checkpoint_minutes": 0.0}
+                                       "checkpoint_minutes": 0.0, "policy_sn_layers": "hidden"}
 # Fields that no longer exist (ignored when an old config is read): the trainer's fault-injection
 # flag moved into the tests.
 _REMOVED_FIELDS = ("fault_nan_at",)
@@ -481,7 +486,8 @@ _METADATA_KEYS = ("sources",)
 """Keys of ``config.json`` that are not config fields."""
 
 RESUME_FIXED = ("env", "algo", "seed", "preset", "obs_norm", "hidden_dim", "num_layers", "ensemble_size",
-                "num_elites", "model_hidden_dim", "model_num_layers", "policy_spectral_norm", "model_spectral_norm")
+                "num_elites", "model_hidden_dim", "model_num_layers", "policy_spectral_norm", "model_spectral_norm",
+                "policy_sn_layers")
 """Fields a resumed run cannot change: they decide which networks the checkpoint holds."""
 
 

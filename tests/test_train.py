@@ -14,7 +14,7 @@ import torch
 
 from fastrp import train
 from fastrp.algos import ALGORITHMS, losses
-from fastrp.config import ALGO_PRESETS, ENV_PRESETS, build_parser, parse_args, parse_args_with_sources
+from fastrp.config import ALGO_PRESETS, ENV_PRESETS, CliError, build_parser, parse_args, parse_args_with_sources
 from fastrp.rl.buffer import ReplayBuffer
 from fastrp.rl.checkpoint import CHECKPOINT_NAME, load, save_atomic
 from fastrp.rl.logger import COLUMNS, TIMING_COLUMNS, read_metrics
@@ -536,3 +536,20 @@ def test_buffer_latest_contiguous_and_wrapped():
     buf.add(*rows(3, 7))  # wraps: storage holds 5, 6, 2, 3, 4
     assert buf.latest(4).reward.tolist() == [3.0, 4.0, 5.0, 6.0]
     assert buf.latest(2).reward.tolist() == [5.0, 6.0] and buf.latest(1).obs.tolist() == [[6.0, 6.0]]
+
+
+def test_policy_sn_placement():
+    """policy_sn_layers: RP-PGM's code normalises the policy's hidden layers, paper 000's text all of
+    them; the agent builds what the config says and the placement is fixed for a resumed run."""
+    from fastrp.algos import get as get_algo
+    from fastrp.config import RESUME_FIXED
+
+    for layers, expected in (("hidden", (0, 1)), ("all", (0, 1, 2))):
+        cfg = parse_args([*TINY, "--algo", "rp-sn", "--policy-sn-layers", layers])
+        agent = get_algo("rp-sn")(cfg, 4, 1, [-1.0], [1.0], torch.device("cpu"))
+        assert agent.policy.net.sn_layers == expected
+    off = parse_args([*TINY, "--algo", "maac", "--policy-sn-layers", "all"])
+    assert get_algo("maac")(off, 4, 1, [-1.0], [1.0], torch.device("cpu")).policy.net.sn_layers == ()
+    assert "policy_sn_layers" in RESUME_FIXED
+    with pytest.raises(CliError, match="invalid choice: 'some'"):
+        parse_args(["--policy-sn-layers", "some"])

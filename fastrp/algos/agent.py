@@ -80,7 +80,8 @@ class Agent:
         # clipped to [0.1, 10]), shared by the policy, the critic and the target critic
         self.obs_normalizer = RunningNormalizer(obs_dim, clip_std=(0.1, 10.0)).to(device) if cfg.obs_norm else None
         self.policy = TanhGaussianPolicy(obs_dim, act_dim, cfg.hidden_dim, cfg.num_layers,
-                                         spectral_norm=cfg.policy_spectral_norm, action_scale=((high - low) / 2).tolist(),
+                                         spectral_norm=cfg.policy_sn_layers if cfg.policy_spectral_norm else False,
+                                         action_scale=((high - low) / 2).tolist(),
                                          action_bias=((high + low) / 2).tolist(),
                                          obs_normalizer=self.obs_normalizer).to(device)
         self.critic = TwinQ(obs_dim, act_dim, cfg.hidden_dim, cfg.num_layers, obs_normalizer=self.obs_normalizer).to(device)

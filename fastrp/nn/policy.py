@@ -20,14 +20,26 @@ from fastrp.ops._common import check_tensor
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
+def _sn_mode(spectral_norm: Union[bool, str]) -> str:
+    if spectral_norm is True:
+        return "hidden"
+    if spectral_norm is False or spectral_norm is None:
+        return "none"
+    if spectral_norm in ("none", "hidden", "all"):
+        return spectral_norm
+    raise ValueError(f"spectral_norm must be a bool or one of 'none', 'hidden', 'all', got {spectral_norm!r}")
+
+
 class TanhGaussianPolicy(nn.Module):
     """``a = bias + scale * tanh(u)``, ``u ~ N(mean(s), std(s))``, reparameterized.
 
     Args:
         obs_dim, act_dim: observation and action widths.
         hidden_dim, num_layers: ``num_layers`` hidden layers of ``hidden_dim`` units.
-        spectral_norm: spectral normalisation on the hidden layers (not on the output layer); the
-            power-iteration vectors are updated in training mode only.
+        spectral_norm: spectral normalisation: ``True`` or ``"hidden"`` on the hidden layers (not
+            on the output layer: RP-PGM's code), ``"all"`` on every layer (paper 000's text),
+            ``False`` / ``"none"`` off; the power-iteration vectors are updated in training mode
+            only.
         log_std_bounds: ``(lo, hi)``; the raw log-std output is squashed smoothly into this range
             with ``lo + (hi - lo) * (tanh(x) + 1) / 2``.
         activation: ``"relu"`` (default), ``"silu"`` or ``"tanh"``.
@@ -46,7 +58,7 @@ class TanhGaussianPolicy(nn.Module):
         act_dim: int,
         hidden_dim: int = 256,
         num_layers: int = 2,
-        spectral_norm: bool = False,
+        spectral_norm: Union[bool, str] = False,
         log_std_bounds: Tuple[float, float] = (-5.0, 2.0),
         activation: str = "relu",
         action_scale: Union[float, Sequence[float]] = 1.0,
@@ -68,7 +80,7 @@ class TanhGaussianPolicy(nn.Module):
             num_layers,
             1,
             activation=activation,
-            spectral_norm="hidden" if spectral_norm else "none",
+            spectral_norm=_sn_mode(spectral_norm),
             n_power_iterations=n_power_iterations,
             backend=backend,
         )
