@@ -277,6 +277,15 @@ def _row(step: int, kind: str, model: str, **values) -> Dict[str, object]:
     return row
 
 
+def _start_states(buffer: ReplayBuffer, count: int, seed: int) -> Tuple[torch.Tensor, torch.Generator]:
+    """``count`` distinct replay-buffer observations (all when the buffer is smaller), drawn by a
+    generator seeded with ``seed``; returns them and the generator (for the pass's later draws)."""
+    gen = torch.Generator(device=buffer.device)
+    gen.manual_seed(seed)
+    idx = torch.randperm(len(buffer), generator=gen, device=buffer.device)[:count]
+    return buffer.gather(idx).obs, gen
+
+
 def variance_rows(agent, buffer: ReplayBuffer, cfg: Config, step: int, settings: Settings,
                   seed: Optional[int] = None) -> List[Dict[str, object]]:
     """Gradient variance of ``agent``'s RP policy objective for ``H = min_horizon .. max_horizon``.
@@ -295,10 +304,7 @@ def variance_rows(agent, buffer: ReplayBuffer, cfg: Config, step: int, settings:
         raise RunError("the replay buffer is empty: no start states")
     settings.validate()
     base = cfg.seed if seed is None else seed
-    gen = torch.Generator(device=buffer.device)
-    gen.manual_seed(diag_seed(base, step, POOL_STREAM))
-    idx = torch.randperm(len(buffer), generator=gen, device=buffer.device)[: settings.states]
-    pool = buffer.gather(idx).obs
+    pool, _ = _start_states(buffer, settings.states, diag_seed(base, step, POOL_STREAM))
     grad_model = agent.grad_model
     stats = rp_gradient_variance(agent.policy, agent.model, agent.critic, pool,
                                  range(settings.min_horizon, settings.max_horizon + 1), gamma=cfg.gamma,
@@ -328,10 +334,7 @@ def lipschitz_rows(agent, buffer: ReplayBuffer, cfg: Config, step: int, settings
         raise RunError("the replay buffer is empty: no start states")
     settings.validate()
     base = cfg.seed if seed is None else seed
-    gen = torch.Generator(device=buffer.device)
-    gen.manual_seed(diag_seed(base, step, LIPSCHITZ_STREAM))
-    idx = torch.randperm(len(buffer), generator=gen, device=buffer.device)[: min(settings.states, 256)]
-    states = buffer.gather(idx).obs
+    states, gen = _start_states(buffer, min(settings.states, 256), diag_seed(base, step, LIPSCHITZ_STREAM))
     model, policy = agent.model, agent.policy
     with frozen_modules([policy, model, agent.critic, agent.grad_model]):
         model_bound = float(lipschitz_bound(model.net, model.out_dim)[model.elite_idx].mean())

@@ -40,6 +40,7 @@ from torch import nn
 
 from fastrp.nn.ensemble import EnsembleMLP
 from fastrp.nn.normalizer import RunningNormalizer
+from fastrp._validate import float_in, int_at_least
 from fastrp.ops._common import check_tensor
 
 __all__ = ["ProbabilisticEnsemble", "gaussian_nll", "soft_bound_logvar"]
@@ -70,25 +71,6 @@ def soft_bound_logvar(raw: torch.Tensor, min_logvar: torch.Tensor, max_logvar: t
     flow to ``raw`` and to both bounds."""
     lv = max_logvar - F.softplus(max_logvar - raw)
     return min_logvar + F.softplus(lv - min_logvar)
-
-
-def _int_at_least(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def _optional_int(name: str, value, minimum: int) -> Optional[int]:
-    return None if value is None else _int_at_least(name, value, minimum)
-
-
-def _float_in(name: str, value, lo: float, hi: float, lo_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        (lo < value if lo_open else lo <= value) and value <= hi
-    ):
-        bracket = "(" if lo_open else "["
-        raise ValueError(f"{name} must be a float in {bracket}{lo}, {hi}], got {value!r}")
-    return float(value)
 
 
 class ProbabilisticEnsemble(nn.Module):
@@ -128,13 +110,13 @@ class ProbabilisticEnsemble(nn.Module):
         backend: Optional[str] = None,
     ) -> None:
         super().__init__()
-        _int_at_least("obs_dim", obs_dim, 1)
-        _int_at_least("act_dim", act_dim, 1)
-        _int_at_least("ensemble_size", ensemble_size, 1)
-        _int_at_least("num_elites", num_elites, 1)
+        int_at_least("obs_dim", obs_dim, 1)
+        int_at_least("act_dim", act_dim, 1)
+        int_at_least("ensemble_size", ensemble_size, 1)
+        int_at_least("num_elites", num_elites, 1)
         if num_elites > ensemble_size:
             raise ValueError(f"num_elites must be <= ensemble_size={ensemble_size}, got {num_elites}")
-        _float_in("logvar_bound_coef", logvar_bound_coef, 0.0, math.inf)
+        float_in("logvar_bound_coef", logvar_bound_coef, 0.0, math.inf)
         self.obs_dim, self.act_dim = obs_dim, act_dim
         self.in_dim = obs_dim + act_dim
         self.learn_reward = bool(learn_reward)

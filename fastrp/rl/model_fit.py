@@ -20,6 +20,7 @@ import torch
 
 from fastrp.algos.losses import fd_gradient_loss, model_nll_loss
 from fastrp.nn.model import ProbabilisticEnsemble
+from fastrp._validate import float_in, int_at_least, optional_int
 from fastrp.ops._common import check_tensor
 from fastrp.ops.knn import fd_targets
 
@@ -27,25 +28,6 @@ __all__ = ["MBPO_WEIGHT_DECAY", "ModelFitter", "FDTerm", "guarded_fit"]
 
 # MBPO's per-layer L2 coefficients for its 4x200 model (4 hidden layers + output layer).
 MBPO_WEIGHT_DECAY = (2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4)
-
-
-def _int_at_least(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def _optional_int(name: str, value, minimum: int) -> Optional[int]:
-    return None if value is None else _int_at_least(name, value, minimum)
-
-
-def _float_in(name: str, value, lo: float, hi: float, lo_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        (lo < value if lo_open else lo <= value) and value <= hi
-    ):
-        bracket = "(" if lo_open else "["
-        raise ValueError(f"{name} must be a float in {bracket}{lo}, {hi}], got {value!r}")
-    return float(value)
 
 
 def layer_decays(weight_decay: Union[None, float, Sequence[float]], num_linear: int) -> Tuple[float, ...]:
@@ -56,12 +38,12 @@ def layer_decays(weight_decay: Union[None, float, Sequence[float]], num_linear: 
             return MBPO_WEIGHT_DECAY
         return tuple(torch.linspace(2.5e-5, 1e-4, num_linear, dtype=torch.float64).tolist())
     if isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool):
-        return (_float_in("weight_decay", weight_decay, 0.0, math.inf),) * num_linear
+        return (float_in("weight_decay", weight_decay, 0.0, math.inf),) * num_linear
     decays = tuple(weight_decay)
     if len(decays) != num_linear:
         raise ValueError(f"weight_decay must be a float or {num_linear} floats (one per linear layer), "
                          f"got {len(decays)}")
-    return tuple(_float_in("weight_decay", d, 0.0, math.inf) for d in decays)
+    return tuple(float_in("weight_decay", d, 0.0, math.inf) for d in decays)
 
 
 class FDTerm:
@@ -76,10 +58,10 @@ class FDTerm:
     """
 
     def __init__(self, weight: float, k: int, window: int, batch_size: int):
-        self.weight = _float_in("fd_weight", weight, 0.0, math.inf)
-        self.k = _int_at_least("fd_k", k, 1)
-        self.window = _int_at_least("fd_window", window, 2)
-        self.batch_size = _int_at_least("fd_batch_size", batch_size, 1)
+        self.weight = float_in("fd_weight", weight, 0.0, math.inf)
+        self.k = int_at_least("fd_k", k, 1)
+        self.window = int_at_least("fd_window", window, 2)
+        self.batch_size = int_at_least("fd_batch_size", batch_size, 1)
         self._pool: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
     @torch.no_grad()
@@ -124,7 +106,7 @@ class ModelFitter:
 
     def __init__(self, model: ProbabilisticEnsemble, lr: float = 1e-3,
                  weight_decay: Union[None, float, Sequence[float]] = None) -> None:
-        _float_in("lr", lr, 0.0, math.inf, lo_open=True)
+        float_in("lr", lr, 0.0, math.inf, lo_open=True)
         self.model = model
         self.weight_decay = layer_decays(weight_decay, model.net.num_layers + 1)
         groups: List[Dict[str, object]] = [{"params": [w], "weight_decay": wd}
@@ -214,12 +196,12 @@ class ModelFitter:
                 check_tensor("reward", reward, shape=(N, 1), dtypes=(obs.dtype,), device=obs.device, what="[N] or [N, 1]")
             else:
                 check_tensor("reward", reward, shape=(N,), dtypes=(obs.dtype,), device=obs.device, what="[N] or [N, 1]")
-        _float_in("holdout_ratio", holdout_ratio, 0.0, 1.0)
-        _optional_int("max_epochs", max_epochs, 1)
-        _int_at_least("batch_size", batch_size, 1)
-        _int_at_least("patience", patience, 1)
-        _int_at_least("max_holdout", max_holdout, 0)
-        _optional_int("max_steps", max_steps, 1)
+        float_in("holdout_ratio", holdout_ratio, 0.0, 1.0)
+        optional_int("max_epochs", max_epochs, 1)
+        int_at_least("batch_size", batch_size, 1)
+        int_at_least("patience", patience, 1)
+        int_at_least("max_holdout", max_holdout, 0)
+        optional_int("max_steps", max_steps, 1)
         dev = obs.device
         E = model.ensemble_size
 
