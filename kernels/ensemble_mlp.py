@@ -33,9 +33,10 @@ by CUDA's 65535 limit on the second and third grid axes.
 Numerics: ``precision`` is ``tl.dot``'s ``input_precision``: ``"ieee"`` (exact fp32 products,
 FFMA, the default), ``"tf32"`` (tensor cores, 10-bit mantissa products) or ``"tf32x3"`` (three
 TF32 products, close to fp32); float64 inputs always use ``"ieee"``. Activations come from
-``kernels/_activations.py``. Launches run under the tensors' CUDA device; the launchers allocate
-nothing host-to-device after the first call for a shape (the one-hot table of the weight kernel
-is cached), and read nothing back, so a call can be captured in a CUDA graph.
+``kernels/_activations.py``. Launches run under the tensors' CUDA device; the launchers copy
+nothing host-to-device (the one-hot table of the weight kernel is built on the device, once per
+shape, and cached) and read nothing back, so no call synchronises with the host and a call can be
+captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -303,9 +304,9 @@ def _tile_table(dims: Tuple[int, ...], block_k: int, block_n: int, dtype: torch.
         starts.append(starts[-1] + triton.cdiv(dims[l], block_k) * triton.cdiv(dims[l + 1], block_n))
     key = (tuple(starts), dtype, str(device))
     onehot = _ONEHOT.get(key)
-    if onehot is None:
-        layer_of = torch.repeat_interleave(torch.arange(len(starts) - 1), torch.tensor(starts).diff())
-        onehot = torch.nn.functional.one_hot(layer_of, len(starts) - 1).to(dtype=dtype, device=device)
+    if onehot is None:  # built on the device from Python bounds: no host-to-device copy (a sync on CUDA)
+        tile = torch.arange(starts[-1], device=device)
+        onehot = torch.stack([(tile >= a) & (tile < b) for a, b in zip(starts[:-1], starts[1:])], dim=1).to(dtype)
         _ONEHOT[key] = onehot
     return tuple(starts), onehot
 
