@@ -33,6 +33,8 @@ ALGOS = ALGORITHMS
 DEVICES = ("auto", "cpu", "cuda")
 ENV_NAMES = ("InvertedPendulum", "Hopper", "Walker2d", "HalfCheetah", "Ant", "Humanoid")
 PRESETS = ("auto", "paper", "cpu", "tiny")
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+"""Matmul input precisions of the fused ops (``fastrp.ops``' ``precision=``)."""
 MAX_SEED = 2 ** 32 - 1 - 10_000
 """Largest seed: numpy and gymnasium take 32-bit seeds, and evaluation uses ``seed + 10_000``."""
 
@@ -80,6 +82,8 @@ class Config:
     """torch.compile the update closures (critic step; policy + temperature step, with the model unroll)."""
     cuda_graphs: bool = False
     """Capture the compiled update closures in CUDA graphs (mode=reduce-overhead; needs --compile and CUDA)."""
+    precision: str = "ieee"
+    """Matmul input precision of the fused network kernels on CUDA: ieee (exact float32 products), tf32 (tensor cores, inputs rounded to a 10-bit mantissa, about 1e-3 relative error per layer) or tf32x3 (three TF32 products, about float32 accuracy). Policy, critics and both models; no effect on CPU, where the networks run torch matmuls in float32."""
     # ---- SAC ---------------------------------------------------------------------------------------
     batch_size: int = 256
     """Minibatch size of the critic and policy updates."""
@@ -320,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, choices=DEVICES, **kwargs)
         elif f.name == "preset":
             parser.add_argument(flag, choices=PRESETS, **kwargs)
+        elif f.name == "precision":
+            parser.add_argument(flag, choices=PRECISIONS, **kwargs)
         else:
             parser.add_argument(flag, type=kind, **kwargs)
     return parser
@@ -453,6 +459,7 @@ def validate(cfg: "Config") -> None:
         (cfg.diag_samples >= 2, f"--diag-samples: must be >= 2 (a sample variance), got {cfg.diag_samples}"),
         (cfg.device in DEVICES, f"--device: choose from {', '.join(DEVICES)}"),
         (cfg.preset in PRESETS, f"--preset: choose from {', '.join(PRESETS)}"),
+        (cfg.precision in PRECISIONS, f"--precision: choose from {', '.join(PRECISIONS)}, got {cfg.precision!r}"),
         (name_ok, f"--run-name: must be a plain directory name inside --logdir (no '/', '..'), got {cfg.run_name!r}"),
     ]
     for ok, message in checks:
@@ -475,7 +482,7 @@ def parse_args_with_sources(argv: Optional[Sequence[str]] = None) -> Tuple["Conf
 # Fields added after the first release, with the value that reproduces how runs without them
 # behaved (checkpoints of such runs hold a config without these keys).
 _LEGACY_DEFAULTS: Dict[str, object] = {"obs_norm": False, "model_max_steps": 0, "diag_every": 0,
-                                       "checkpoint_minutes": 0.0}
+                                       "checkpoint_minutes": 0.0, "precision": "ieee"}
 # Fields that no longer exist (ignored when an old config is read): the trainer's fault-injection
 # flag moved into the tests.
 _REMOVED_FIELDS = ("fault_nan_at",)
