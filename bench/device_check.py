@@ -115,7 +115,7 @@ def main(argv=None) -> int:
                      "median ms": common.fmt_ms(r.get("median_ms")), "note": r.get("error", "")})
     q = torch.randn(n_knn, 23, generator=g).to(device)
     try:
-        r = time_region(lambda: knn(q, q, 10, torch.arange(n_knn, device=device)), device, 1, 3 if cuda else 1)
+        r = time_region(lambda: knn(q, q, 10, torch.arange(n_knn, device=device)), device, 1, 2 if cuda else 1)
     except Exception as exc:  # noqa: BLE001
         r = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
     results.append({"bench": "knn k=10 d=23", "provider": "fastrp", "N": n_knn, "Q": n_knn, **r})
