@@ -290,6 +290,68 @@ def triton_cdiv(a, b):
     return -(-a // b)
 
 
+def test_layers_split_only_when_the_fused_grid_leaves_sms_idle():
+    pytest.importorskip("triton")
+    from fastrp.kernels.ensemble_mlp import forced_layout, split_layers
+    from fastrp.kernels._target import compile_for
+
+    cpu = torch.device("cpu")
+    assert not split_layers(112, cpu)  # the interpreter: one fused launch
+    with compile_for(132):  # an H200: E = 7, B = 256 gives 112 row blocks of 16
+        assert split_layers(112, cpu) and split_layers(23, cpu) and not split_layers(132, cpu)
+        assert not split_layers(3, cpu, split=False)
+        with forced_layout(False):
+            assert not split_layers(112, cpu)
+    assert split_layers(500, cpu, split=True)
+    with forced_layout(True):
+        assert split_layers(500, cpu) and not split_layers(500, cpu, split=False)
+
+
+@needs_triton
+@pytest.mark.parametrize("grouped", [False, True])
+def test_layer_split_equals_the_fused_launch(grouped):
+    """One launch per layer with its columns split across programs (what a GPU runs when the fused
+    grid leaves SMs idle) gives bit for bit the fused launch's results, forward and backward, with
+    and without dx; widths over the interpreter's 128-column tile so layers have several column
+    blocks."""
+    from fastrp.kernels.ensemble_mlp import mlp_backward, mlp_forward
+
+    E, dims = 3, [5, 200, 257, 3]
+    weights, biases, scales = make_params(E, dims, bias="some", scale="some")
+    R = E * 37
+    x = torch.randn(R, dims[0])
+    seg = torch.tensor([0, 40, 40, R]) if grouped else None  # member 1 gets no row
+    g = torch.randn(R, dims[-1])
+    runs = []
+    for split in (False, True):
+        y, z = mlp_forward(x, seg, weights, biases, scales, "tanh", split=split)
+        dx, dws, dbs, ds = mlp_backward(g, x, seg, weights, scales, z, "tanh", need_dx=True, split=split)
+        dx0, dws0, _, _ = mlp_backward(g, x, seg, weights, scales, z, "tanh", need_dx=False, split=split)
+        runs.append([y, z, dx, *dws, *dbs, ds, *dws0])
+        assert dx0.shape == (0, dims[0])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    want = ensemble_mlp_ref(x.view(E, 37, -1) if not grouped else x, weights, biases, scales, "tanh",
+                            members=None if not grouped else torch.repeat_interleave(torch.tensor([0, 2]),
+                                                                                     torch.tensor([40, R - 40])))
+    torch.testing.assert_close(runs[1][0], want.reshape(R, -1), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("members_kind", [None, "random"])
+def test_op_with_layers_split_matches_reference(monkeypatch, members_kind):
+    """The whole op (forward, data and weight gradients) through the per-layer launches."""
+    import fastrp.kernels.ensemble_mlp as kern
+
+    auto = kern.split_layers
+    monkeypatch.setattr(kern, "split_layers", lambda rows, device, split=None: auto(rows, device, True))
+    E, B, dims = 3, 37, [5, 200, 257, 3]
+    weights, biases, scales = make_params(E, dims, bias="some", scale="all")
+    members = None if members_kind is None else _members(members_kind, E, B)
+    x = torch.randn(B, dims[0]) if members is not None else torch.randn(E, B, dims[0])
+    check_against_ref("triton", x, weights, biases, scales, "silu", members=members)
+
+
 # ---------------------------------------------------------------------------------------------
 # gradcheck / opcheck / compile
 
