@@ -6,8 +6,8 @@
 # the whole run ends within 8 minutes whatever happens:
 #   build        150 s  build + install the extension (nvcc; without ninja the four sources compile
 #                       one after another)
-#   cuda-tests   100 s  pytest -m cuda in four processes side by side (each compiles its own Triton
-#                       kernels); every op call of the CUDA tests runs under
+#   cuda-tests   100 s  pytest -m cuda in six processes side by side (each compiles its own Triton
+#                       kernels); every op call of the CUDA tests of ops and nn runs under
 #                       torch.cuda.set_sync_debug_mode("error")
 #   ops           40 s  bench/device_check.py: ensemble_mlp fwd+bwd eager / fused / both in a CUDA
 #                       graph, kNN at N = Q = 1e6
@@ -36,23 +36,29 @@ step() {  # step NAME TIMEOUT_S COMMAND...
   STATUS[$name]="rc=$rc $((SECONDS - t0))s"
   tail -n 25 "$OUT/$name.log"
 }
-# pytest -m cuda in four groups of test files at once (Triton compiles each kernel on one core)
+# pytest -m cuda in six groups of tests at once (Triton compiles each kernel on one core; the
+# tests compile many kernel variants: every shape and, where the launchers split the layers, one
+# forward and one data-gradient kernel per layer)
 cuda_tests() {
-  local groups=("tests/test_mlp.py" "tests/test_jvp.py tests/test_linear.py tests/test_spectral.py"
-                "tests/test_precision.py tests/test_capture_safety.py tests/test_knn.py")
-  local rest="tests --ignore=tests/test_mlp.py --ignore=tests/test_jvp.py --ignore=tests/test_linear.py"
-  rest+=" --ignore=tests/test_spectral.py --ignore=tests/test_precision.py --ignore=tests/test_capture_safety.py"
-  rest+=" --ignore=tests/test_knn.py"
-  groups+=("$rest")
-  local pids=() rc=0 i
-  for i in "${!groups[@]}"; do
-    # shellcheck disable=SC2086
-    "$PY" -m pytest -q -m cuda -p no:cacheprovider ${groups[$i]} > "$OUT/cuda-tests-$i.log" 2>&1 &
+  local rest=(--ignore=tests/test_mlp.py --ignore=tests/test_precision.py --ignore=tests/test_jvp.py
+              --ignore=tests/test_linear.py --ignore=tests/test_spectral.py --ignore=tests/test_capture_safety.py
+              --ignore=tests/test_knn.py --ignore=tests/test_nn.py --ignore=tests/test_policy_critic.py)
+  local pids=() rc=0 i=0
+  group() {  # group ARGS...: one pytest process in the background, its log cuda-tests-<i>.log
+    echo "-- group $i: $*" > "$OUT/cuda-tests-$i.log"
+    "$PY" -m pytest -q -m cuda -p no:cacheprovider "$@" >> "$OUT/cuda-tests-$i.log" 2>&1 &
     pids+=($!)
-  done
+    i=$((i + 1))
+  }
+  group tests/test_mlp.py -k "cuda_matches_reference"
+  group tests/test_mlp.py -k "not cuda_matches_reference"
+  group tests/test_precision.py
+  group tests/test_jvp.py tests/test_linear.py tests/test_spectral.py
+  group tests/test_capture_safety.py tests/test_knn.py tests/test_nn.py tests/test_policy_critic.py
+  group tests "${rest[@]}"
   for i in "${!pids[@]}"; do
     wait "${pids[$i]}" || rc=1
-    echo "-- group $i: ${groups[$i]}"
+    head -n 1 "$OUT/cuda-tests-$i.log"
     tail -n 15 "$OUT/cuda-tests-$i.log"
   done
   return $rc

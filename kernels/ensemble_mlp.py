@@ -25,9 +25,9 @@ a grid-wide exchange before the next layer. When the fused grid would leave SMs 
 (:func:`split_layers`), the launchers run the same kernels once per layer (``FIRST``/``LAST``),
 each program computing one ``BLOCK_N``-column block of that layer for its 16 rows
 (``COL_BLOCKS`` programs per row block; 16 columns where 32 would still leave SMs idle): 784
-programs per hidden layer of the model, the layer
-boundary being the launch boundary. ``L`` launches instead of one (host time: each is one Triton
-launch; inside a CUDA graph, one node each), every one of them filling the SMs.
+programs per hidden layer of the model, the layer boundary being the launch boundary. ``L``
+launches instead of one (host time: each is one Triton launch; inside a CUDA graph, one node
+each), each of the wide layers' launches filling the SMs.
 
 Parameters are read in place: the per-layer weights, biases and scales are tuple kernel arguments
 (a pointer each), so no call concatenates or copies them. The layer widths are compile-time
