@@ -12,6 +12,10 @@ backward at the model's reference shape (E = 7, 23 -> 4x200 SiLU -> 36, B = 256,
 * ``fused``        :func:`fastrp.ops.ensemble_mlp` (Triton forward, two-launch backward)
 * ``eager-graph``  ``eager`` captured in one CUDA graph, replayed
 * ``fused-graph``  ``fused`` captured in one CUDA graph, replayed
+* ``fused-1launch``, ``fused-1launch-graph``  the same with the row kernels forced to one launch
+  per network (``fastrp.kernels.ensemble_mlp.forced_layout(False)``): at this shape the
+  launchers split them into one launch per layer to fill the SMs, and these rows measure
+  whether that pays
 
 Writes ``device-check.json`` under ``--out`` with the device name, versions and date.
 """
@@ -39,6 +43,16 @@ def mlp_step(fn, x, ws, bs, ss):
     def step():
         return torch.autograd.grad(fn(x, ws, bs, ss, "silu").square().sum(), params)
     return step
+
+
+def one_launch(step):
+    """``step`` with the row kernels fused into one launch per network."""
+    from fastrp.kernels import ensemble_mlp as kern
+
+    def run():
+        with kern.forced_layout(False):
+            return step()
+    return run
 
 
 def graphed(step):
@@ -98,11 +112,12 @@ def main(argv=None) -> int:
     x = torch.randn(7, B, MODEL[0], generator=g).to(device).requires_grad_()
     fused = ensemble_mlp if cuda else (lambda *a: ensemble_mlp(*a, backend="torch"))
     steps = {"eager": mlp_step(ensemble_mlp_ref, x, ws, bs, ss), "fused": mlp_step(fused, x, ws, bs, ss)}
+    steps["fused-1launch"] = one_launch(steps["fused"])
     rows, results = [], []
     check = [a.sub(b).abs().max().item() for a, b in zip(steps["fused"](), steps["eager"]())]
     print(f"fused vs eager gradients: max abs diff {max(check):.2e}", flush=True)
-    for name in ("eager", "fused", "eager-graph", "fused-graph"):
-        base = steps[name.split("-")[0]]
+    for name in ("eager", "fused", "eager-graph", "fused-graph", "fused-1launch", "fused-1launch-graph"):
+        base = steps[name[:-len("-graph")] if name.endswith("-graph") else name]
         try:
             fn = graphed(base) if name.endswith("graph") and cuda else base
             if name.endswith("graph") and not cuda:
@@ -115,7 +130,7 @@ def main(argv=None) -> int:
                      "median ms": common.fmt_ms(r.get("median_ms")), "note": r.get("error", "")})
     q = torch.randn(n_knn, 23, generator=g).to(device)
     try:
-        r = time_region(lambda: knn(q, q, 10, torch.arange(n_knn, device=device)), device, 1, 3 if cuda else 1)
+        r = time_region(lambda: knn(q, q, 10, torch.arange(n_knn, device=device)), device, 1, 2 if cuda else 1)
     except Exception as exc:  # noqa: BLE001
         r = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
     results.append({"bench": "knn k=10 d=23", "provider": "fastrp", "N": n_knn, "Q": n_knn, **r})

@@ -11,8 +11,10 @@ member as in the unroll), the policy (17 -> 2x256 ReLU -> 12), the twin critic (
 hidden layers. Nothing runs: a stub Triton driver reports the target GPU, the launchers size their
 tiles and grids for its SM count (``--sms``, 132 on an H200), and each launch only compiles.
 
-Per kernel: registers per thread, spill stores + loads (bytes per thread, from ``ptxas -v``),
-shared memory, grid size against the SM count, warps, and the global loads by width (SASS
+Per launch: the layers it runs (``all`` for the fused row kernels, or the one layer of a launch
+whose columns are split across programs, where the launchers split a network whose fused grid
+leaves SMs idle; ``--layout fused`` reports one fused launch per network instead), registers per
+thread, spill stores + loads (bytes per thread, from ``ptxas -v``), shared memory, grid size against the SM count, warps, and the global loads by width (SASS
 ``LDG`` / ``LDGSTS`` instructions of 128, 64 and 32 bits). Run with the GPU machine's triton
 version for figures that match it (the JSON records the version). Must run without
 ``TRITON_INTERPRET=1`` (the interpreter compiles nothing).
@@ -37,7 +39,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-COLUMNS = ["case", "kernel", "dtype", "arch", "regs", "spill B", "smem B", "grid", "fills SMs", "warps",
+COLUMNS = ["case", "kernel", "layers", "dtype", "arch", "regs", "spill B", "smem B", "grid", "fills SMs", "warps",
            "loads 128/64/32 bit"]
 
 
@@ -94,7 +96,9 @@ class Compiler:
                 fresh.add(id(fn))
                 fn.device_caches.clear()
             kernel = real(fn, *args, grid=grid, warmup=True, **kwargs)
-            records.append({"kernel": fn.fn.__name__, "grid": tuple(grid), "compiled": kernel})
+            first, last = kwargs.get("FIRST"), kwargs.get("LAST")
+            layers = "all" if first is None else str(first) if last == first + 1 else f"{first}-{last - 1}"
+            records.append({"kernel": fn.fn.__name__, "grid": tuple(grid), "compiled": kernel, "layers": layers})
             return kernel
 
         self.jit.run = run
@@ -197,22 +201,25 @@ def cases(dtype: torch.dtype, precision: str):
     return out
 
 
-def report(arches: List[int], dtypes: List[torch.dtype], precision: str, sms: int) -> List[dict]:
+def report(arches: List[int], dtypes: List[torch.dtype], precision: str, sms: int, layout: str = "auto") -> List[dict]:
+    from fastrp.kernels import ensemble_mlp as mlp
     from fastrp.kernels._target import compile_for
+
+    forced = {"auto": None, "fused": False}[layout]  # fused: one launch per network, as before the split
 
     rows = []
     for arch in arches:
         for dtype in dtypes:
             prec = precision if dtype == torch.float32 else "ieee"
             for name, thunk in cases(dtype, prec):
-                with Compiler(arch) as comp, compile_for(sms):
+                with Compiler(arch) as comp, compile_for(sms), mlp.forced_layout(forced):
                     thunk()
                 for rec in comp.records:
                     res = resources(rec["compiled"], arch)
                     programs = 1
                     for g in rec["grid"]:
                         programs *= int(g)
-                    rows.append({"case": name, "kernel": rec["kernel"], "dtype": str(dtype).replace("torch.", ""),
+                    rows.append({"case": name, "kernel": rec["kernel"], "layers": rec["layers"], "dtype": str(dtype).replace("torch.", ""),
                                  "arch": f"sm_{arch}{'a' if arch == 90 else ''}", "precision": prec,
                                  "grid": list(rec["grid"]), "programs": programs, "sms": sms, **res})
                 print(f"  compiled {name} ({dtype}, sm_{arch}): {len(comp.records)} kernels", file=sys.stderr,
@@ -224,7 +231,7 @@ def table(rows: List[dict]) -> str:
     out = []
     for r in rows:
         spill = None if r["spill_stores"] is None else r["spill_stores"] + r["spill_loads"]
-        out.append({"case": r["case"], "kernel": r["kernel"].lstrip("_"), "dtype": r["dtype"], "arch": r["arch"],
+        out.append({"case": r["case"], "kernel": r["kernel"].lstrip("_"), "layers": r.get("layers", "all"), "dtype": r["dtype"], "arch": r["arch"],
                     "regs": str(r["regs"]), "spill B": str(spill), "smem B": str(r["smem"]),
                     "grid": "x".join(map(str, r["grid"])),
                     "fills SMs": f"{r['programs']}/{r['sms']}" + (" yes" if r["programs"] >= r["sms"] else " no"),
@@ -240,6 +247,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", help="comma list of float32, float64")
     ap.add_argument("--precision", default="ieee", choices=("ieee", "tf32", "tf32x3"),
                     help="tl.dot input precision of the float32 kernels")
+    ap.add_argument("--layout", default="auto", choices=("auto", "fused"),
+                    help="row kernels as the launchers choose (auto), or always one fused launch per network")
     ap.add_argument("--sms", type=int, default=132, help="streaming multiprocessors of the target (H200: 132)")
     ap.add_argument("--json", default=None, help="write the rows to this JSON file")
     args = ap.parse_args(argv)
@@ -252,15 +261,16 @@ def main(argv=None) -> int:
         return 2
     import triton
 
-    rows = report(arches, dtypes, args.precision, args.sms)
+    rows = report(arches, dtypes, args.precision, args.sms, args.layout)
     print(f"# Triton {triton.__version__}, torch {torch.__version__}; compiled ahead of time, {args.sms} SMs, "
-          f"precision {args.precision}")
+          f"precision {args.precision}, layout {args.layout}")
     print(table(rows))
     fp32 = [r for r in rows if r["dtype"] == "float32"]
     spilling = sorted({f"{r['kernel']} ({r['case']})" for r in fp32 if (r["spill_stores"] or 0) > 0})
     print(f"\nfp32 kernels that spill: {len(spilling)}" + ("".join(f"\n  {s}" for s in spilling)))
     if args.json:
         common.write_json(args.json, torch.device("cpu"), rows, target_sms=args.sms, precision=args.precision,
+                          layout=args.layout,
                           note="compiled ahead of time without a GPU; device/threads fields describe the host")
     return 0
 

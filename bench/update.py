@@ -38,6 +38,9 @@ Providers, in one process, each with its own agent (same seed, same replay buffe
                         (``fastrp.nn.model.fd_targets``) is called with ``backend="torch"``
 * ``fastrp``            the trainer as it runs by default (auto backends: Triton / CUDA kernels on
                         CUDA, C++ kNN and torch dense ops on CPU)
+* ``fastrp-compile``    the trainer's ``--compile`` (critic and policy closures compiled with
+                        ``torch.compile``, no CUDA graphs); by default on CUDA only (on a small CPU
+                        each closure compiles for minutes: ask for it with ``--providers``)
 * ``fastrp-cudagraph``  the trainer's ``--compile --cuda-graphs`` (critic and policy closures compiled
                         with ``mode="reduce-overhead"``; CUDA only)
 
@@ -45,8 +48,13 @@ The replay buffer holds ``--fill`` real HalfCheetah transitions from ``fastrp.en
 random actions (as the trainer's warm-up).  Without the simulator (no mujoco / gymnasium, as on the
 GPU machine) or with ``--synthetic``, it holds synthetic transitions of HalfCheetah's sizes instead
 (smooth random dynamics, see :func:`synthetic_buffer`): the update's work is the same, only the
-fitted models differ; the JSON records which (``transitions``).  On CPU the providers' repeats are interleaved
-round-robin.  A provider that fails prints its error in its row; the others still run.
+fitted models differ; the JSON records which (``transitions``).  Each provider is timed once right after its warm-up,
+then the other repeats go round-robin over the providers (load on a shared machine hits them
+alike).  A provider that fails prints its error in its row; the others still run.  With
+``--json`` the file is rewritten after each provider's first repeat and after every round
+(``complete: false`` until the end), so a run stopped by a time limit keeps what it measured.
+``--counters`` adds, per provider, the torch.compile counters its calls moved (inductor,
+cudagraph skips, graph breaks, recompilations): a silently skipped CUDA graph shows there.
 """
 
 from __future__ import annotations
@@ -73,8 +81,10 @@ from fastrp.rl.buffer import ReplayBuffer  # noqa: E402
 from fastrp.rl.model_fit import FDTerm, guarded_fit  # noqa: E402
 
 ENV, ALGO = "HalfCheetah", "ddppo-sn"
-ALL_PROVIDERS = ("eager", "fastrp", "fastrp-cudagraph")
+ALL_PROVIDERS = ("eager", "fastrp", "fastrp-compile", "fastrp-cudagraph")
+CPU_DEFAULT = ("eager", "fastrp", "fastrp-cudagraph")  # fastrp-compile is opt-in on CPU (minutes of compiling)
 CUDA_ONLY = ("fastrp-cudagraph",)
+COUNTER_KEYS = ("inductor", "graph_break", "stats", "recompiles")
 PHASES = ("model", "grad_model", "critic", "policy")
 
 
@@ -148,8 +158,8 @@ class Runner:
     def __init__(self, provider: str, base_cfg: dict, buffer: ReplayBuffer, device: torch.device, seed: int,
                  synthetic: bool = False):
         self.provider, self.buffer, self.device = provider, buffer, device
-        graphs = provider == "fastrp-cudagraph"
-        self.cfg = cfg = resolve({**base_cfg, "compile": graphs, "cuda_graphs": graphs})
+        compiled, graphs = provider in ("fastrp-compile", "fastrp-cudagraph"), provider == "fastrp-cudagraph"
+        self.cfg = cfg = resolve({**base_cfg, "compile": compiled, "cuda_graphs": graphs})
         torch.manual_seed(seed)
         obs_dim, act_dim, low, high, termination = env_spec(synthetic)
         self.agent = algos.get(ALGO)(cfg, obs_dim, act_dim, low, high, device, termination=termination)
@@ -222,41 +232,84 @@ def quantiles(samples: List[float]) -> Dict[str, float]:
     return {"median_ms": q[0].item(), "p20_ms": q[1].item(), "p80_ms": q[2].item()}
 
 
+def _counters() -> Dict[str, Dict[str, int]]:
+    from torch._dynamo.utils import counters
+
+    return {k: dict(counters[k]) for k in COUNTER_KEYS if counters[k]}
+
+
+def _moved(before: Dict[str, Dict[str, int]], after: Dict[str, Dict[str, int]], into: Dict[str, Dict[str, int]]):
+    """Add the counter increments from ``before`` to ``after`` into ``into``."""
+    for key, values in after.items():
+        for name, value in values.items():
+            delta = value - before.get(key, {}).get(name, 0)
+            if delta:
+                into.setdefault(key, {})[name] = into.get(key, {}).get(name, 0) + delta
+
+
 def run(providers: List[str], base_cfg: dict, buffer: ReplayBuffer, device: torch.device, repeats: int,
-        seed: int, synthetic: bool = False) -> Dict[str, dict]:
-    """Build each provider, warm it up once, then ``repeats`` round-robin repeats."""
-    results: Dict[str, dict] = {}
+        seed: int, synthetic: bool = False, progress=None) -> Dict[str, dict]:
+    """Build each provider, warm it up and time it once, then ``repeats - 1`` round-robin rounds.
+    ``progress(results, complete)`` is called after each provider's first sample and every round."""
+    errors: Dict[str, dict] = {}
     runners: Dict[str, Runner] = {}
-    for name in providers:
-        if name in CUDA_ONLY and device.type != "cuda":
-            results[name] = {"error": "CUDA only"}
-            continue
+    warmup_s: Dict[str, float] = {}
+    moved: Dict[str, Dict[str, Dict[str, int]]] = {name: {} for name in providers}
+    samples: Dict[str, List[Dict[str, float]]] = {name: [] for name in providers}
+
+    def call(name, fn):
+        before = _counters()
         try:
-            runner = Runner(name, base_cfg, buffer, device, seed, synthetic)
-            t0 = time.perf_counter()
-            runner.repeat()
-            print(f"  {name}: warm-up {time.perf_counter() - t0:.1f} s", flush=True)
-            runners[name] = runner
+            return fn()
         except Exception as exc:  # noqa: BLE001 - reported in the row
             traceback.print_exc()
-            results[name] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200]}
-    samples: Dict[str, List[Dict[str, float]]] = {name: [] for name in runners}
-    for _ in range(repeats):
+            errors[name] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200]}
+            runners.pop(name, None)
+            return None
+        finally:
+            _moved(before, _counters(), moved[name])
+
+    def summary() -> Dict[str, dict]:
+        results: Dict[str, dict] = {}
+        for name in providers:
+            extra = {"counters": moved[name]} if moved[name] else {}
+            if name in errors or not samples[name]:
+                results[name] = {**errors.get(name, {"error": "not measured"}), **extra}
+                continue
+            every = base_every
+            per_phase = {p: quantiles([s[p] for s in samples[name]]) for p in PHASES}
+            total = quantiles([s["critic"] + s["policy"] + (s["model"] + s["grad_model"]) / every
+                               for s in samples[name]])
+            results[name] = {"phases": per_phase, "update": total, "updates_per_s": 1e3 / total["median_ms"],
+                             "repeats": len(samples[name]), "warmup_s": warmup_s[name], **extra}
+        return results
+
+    def measure(name, runner):
+        out = call(name, runner.repeat)
+        if out is not None:
+            samples[name].append(out)
+
+    base_every = resolve(base_cfg).model_train_every
+    for name in providers:  # build, warm up and time once (each provider has a sample early)
+        if name in CUDA_ONLY and device.type != "cuda":
+            errors[name] = {"error": "CUDA only"}
+            continue
+        t0 = time.perf_counter()
+        runner = call(name, lambda: Runner(name, base_cfg, buffer, device, seed, synthetic))
+        if runner is not None and call(name, runner.repeat) is not None:
+            warmup_s[name] = time.perf_counter() - t0
+            print(f"  {name}: build + warm-up {warmup_s[name]:.1f} s", flush=True)
+            runners[name] = runner
+            if repeats > 0:
+                measure(name, runner)
+        if progress:
+            progress(summary(), False)
+    for _ in range(repeats - 1):  # the other repeats round-robin
         for name, runner in list(runners.items()):
-            try:
-                samples[name].append(runner.repeat())
-            except Exception as exc:  # noqa: BLE001
-                traceback.print_exc()
-                results[name] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200]}
-                del runners[name]
-    for name, runner in runners.items():
-        every = runner.cfg.model_train_every
-        per_phase = {p: quantiles([s[p] for s in samples[name]]) for p in PHASES}
-        totals = [s["critic"] + s["policy"] + (s["model"] + s["grad_model"]) / every for s in samples[name]]
-        total = quantiles(totals)
-        results[name] = {"phases": per_phase, "update": total, "updates_per_s": 1e3 / total["median_ms"],
-                         "repeats": len(totals)}
-    return {name: results[name] for name in providers}
+            measure(name, runner)
+        if progress:
+            progress(summary(), False)
+    return summary()
 
 
 def report(results: Dict[str, dict], every: int) -> str:
@@ -286,7 +339,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--providers", default=",".join(ALL_PROVIDERS), help=f"comma list of {', '.join(ALL_PROVIDERS)}")
+    parser.add_argument("--providers", default=None,
+                        help=f"comma list of {', '.join(ALL_PROVIDERS)} (default: all on CUDA, "
+                             f"{','.join(CPU_DEFAULT)} on CPU)")
     parser.add_argument("--preset", choices=("paper", "tiny"), default="paper", help="fastrp.config size preset")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per provider (after one warm-up)")
     parser.add_argument("--fill", type=int, default=5000, help="random-action HalfCheetah transitions in the buffer")
@@ -297,20 +352,23 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny preset, small buffer, 2 repeats (seconds)")
     parser.add_argument("--json", default=None, help="write the results to this path")
     parser.add_argument("--counters", action="store_true",
-                        help="print torch.compile's inductor / cudagraph / graph-break counters after the run")
+                        help="print, per provider, the torch.compile counters (inductor, cudagraph skips, graph "
+                             "breaks, recompiles) its calls moved")
     parser.add_argument("--synthetic", action="store_true",
                         help="synthetic transitions instead of HalfCheetah (the default without mujoco/gymnasium)")
     args = parser.parse_args(argv)
 
     if args.quick:
         args.preset, args.fill, args.repeats = "tiny", 600, 2
+    device = common.pick_device(args.device)
+    if args.providers is None:
+        args.providers = ",".join(ALL_PROVIDERS if device.type == "cuda" else CPU_DEFAULT)
     providers = common.parse_list(args.providers, str)
     unknown = [p for p in providers if p not in ALL_PROVIDERS]
     if unknown:
         parser.error(f"--providers: unknown {', '.join(unknown)}; choose from {', '.join(ALL_PROVIDERS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = common.pick_device(args.device)
     base_cfg = {"env": ENV, "algo": ALGO, "preset": args.preset, "device": device.type, "seed": args.seed}
     if args.model_epochs is not None:
         base_cfg["model_max_epochs"] = args.model_epochs
@@ -328,25 +386,27 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     buffer = fill_buffer(args.fill, device, args.seed, synthetic)
     print(f"  buffer filled with {args.fill} {transitions} transitions in {time.perf_counter() - t0:.1f} s", flush=True)
-    results = run(providers, base_cfg, buffer, device, args.repeats, args.seed, synthetic)
+    def write(results: Dict[str, dict], complete: bool) -> None:
+        if args.json:
+            out = [{"provider": name, **r} for name, r in results.items()]
+            common.write_json(args.json, device, out, quiet=not complete, complete=complete, algo=ALGO, env=ENV,
+                              preset=args.preset, fill=args.fill, transitions=transitions, repeats=args.repeats,
+                              model_max_epochs=cfg.model_max_epochs, model_train_every=cfg.model_train_every,
+                              critic_updates=cfg.critic_updates, policy_updates=cfg.policy_updates,
+                              batch_size=cfg.batch_size, horizon=cfg.horizon)
+
+    results = run(providers, base_cfg, buffer, device, args.repeats, args.seed, synthetic, progress=write)
     print()
     print(report(results, cfg.model_train_every))
     print(f"\nupdate = critic + policy + (model + grad_model) / {cfg.model_train_every}; median over "
           f"{args.repeats} repeats (p20-p80); phase columns are medians of one occurrence.")
-    counters = {}
-    if args.counters:
-        from torch._dynamo.utils import counters as dynamo_counters
-
-        counters = {k: dict(dynamo_counters[k]) for k in ("inductor", "graph_break", "stats") if dynamo_counters[k]}
-        for k, v in counters.items():  # a skipped CUDA graph shows as inductor cudagraph_skips
-            print(f"counters {k}: {v}")
-    if args.json:
-        out = [{"provider": name, **r} for name, r in results.items()]
-        common.write_json(args.json, device, out, algo=ALGO, env=ENV, preset=args.preset, fill=args.fill,
-                          transitions=transitions, counters=counters,
-                          repeats=args.repeats, model_max_epochs=cfg.model_max_epochs,
-                          model_train_every=cfg.model_train_every, critic_updates=cfg.critic_updates,
-                          policy_updates=cfg.policy_updates, batch_size=cfg.batch_size, horizon=cfg.horizon)
+    if args.counters:  # a skipped CUDA graph shows as inductor cudagraph_skips
+        for name, r in results.items():
+            for key, values in r.get("counters", {}).items():
+                print(f"counters {name} {key}: {values}")
+    if not args.counters:
+        results = {name: {k: v for k, v in r.items() if k != "counters"} for name, r in results.items()}
+    write(results, True)
     return 0
 
 

@@ -33,6 +33,8 @@ ALGOS = ALGORITHMS
 DEVICES = ("auto", "cpu", "cuda")
 ENV_NAMES = ("InvertedPendulum", "Hopper", "Walker2d", "HalfCheetah", "Ant", "Humanoid")
 PRESETS = ("auto", "paper", "cpu", "tiny")
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+"""Matmul input precisions of the fused ops (``fastrp.ops``' ``precision=``)."""
 MAX_SEED = 2 ** 32 - 1 - 10_000
 """Largest seed: numpy and gymnasium take 32-bit seeds, and evaluation uses ``seed + 10_000``."""
 
@@ -80,6 +82,8 @@ class Config:
     """torch.compile the update closures (critic step; policy + temperature step, with the model unroll)."""
     cuda_graphs: bool = False
     """Capture the compiled update closures in CUDA graphs (mode=reduce-overhead; needs --compile and CUDA)."""
+    precision: str = "ieee"
+    """Matmul input precision of the fused network kernels on CUDA: ieee (exact float32 products), tf32 (tensor cores, inputs rounded to a 10-bit mantissa, about 1e-3 relative error per layer) or tf32x3 (three TF32 products, about float32 accuracy). Policy, critics and both models; no effect on CPU, where the networks run torch matmuls in float32."""
     # ---- SAC ---------------------------------------------------------------------------------------
     batch_size: int = 256
     """Minibatch size of the critic and policy updates."""
@@ -324,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, choices=PRESETS, **kwargs)
         elif f.name == "policy_sn_layers":
             parser.add_argument(flag, choices=("hidden", "all"), **kwargs)
+        elif f.name == "precision":
+            parser.add_argument(flag, choices=PRECISIONS, **kwargs)
         else:
             parser.add_argument(flag, type=kind, **kwargs)
     return parser
@@ -456,6 +462,7 @@ def validate(cfg: "Config") -> None:
         (cfg.device in DEVICES, f"--device: choose from {', '.join(DEVICES)}"),
         (cfg.preset in PRESETS, f"--preset: choose from {', '.join(PRESETS)}"),
         (cfg.policy_sn_layers in ("hidden", "all"), f"--policy-sn-layers: choose from hidden, all, got {cfg.policy_sn_layers!r}"),
+        (cfg.precision in PRECISIONS, f"--precision: choose from {', '.join(PRECISIONS)}, got {cfg.precision!r}"),
         (name_ok, f"--run-name: must be a plain directory name inside --logdir (no '/', '..'), got {cfg.run_name!r}"),
     ]
     for ok, message in checks:
@@ -478,7 +485,7 @@ def parse_args_with_sources(argv: Optional[Sequence[str]] = None) -> Tuple["Conf
 # Fields added after the first release, with the value that reproduces how runs without them
 # behaved (checkpoints of such runs hold a config without these keys).
 _LEGACY_DEFAULTS: Dict[str, object] = {"obs_norm": False, "model_max_steps": 0, "diag_every": 0,
-                                       "checkpoint_minutes": 0.0, "policy_sn_layers": "hidden"}
+                                       "checkpoint_minutes": 0.0, "policy_sn_layers": "hidden", "precision": "ieee"}
 # Fields that no longer exist (ignored when an old config is read): the trainer's fault-injection
 # flag moved into the tests.
 _REMOVED_FIELDS = ("fault_nan_at",)

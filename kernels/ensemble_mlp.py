@@ -1,6 +1,7 @@
 """Triton kernels for the fused ensemble MLP (and the single ensemble linear layer, ``L = 1``).
 
-Three kernels, each one launch for the whole network whatever its depth:
+Three kernels, each one launch for the whole network whatever its depth (the two row kernels may
+instead run one launch per layer, below):
 
 * ``_mlp_fwd_kernel`` - a program per (member, block of its rows) runs every layer in turn:
   ``z_l = (h_l @ W_l) * s_l + b_l`` with the scale, bias and (on load, for the next layer) the
@@ -16,6 +17,17 @@ Three kernels, each one launch for the whole network whatever its depth:
   ``dW_l = s_l A``, ``db_l = Σ dz_l``, and a per-tile partial of ``ds_l = ⟨A, W_l⟩``; the partials
   are summed per layer through a cached one-hot ``[T, L]`` table. Deterministic: no atomics. Not
   launched when no weight, bias or scale needs a gradient (frozen parameters).
+
+Filling the GPU: ``tl.dot`` needs at least 16 rows, so the fused row kernels have at most
+``E · cdiv(B, 16)`` programs (112 for E = 7, B = 256; 23 for 256 rows grouped by member), fewer than
+the 132 SMs of an H200, and a program cannot split a layer's columns with other programs without
+a grid-wide exchange before the next layer. When the fused grid would leave SMs idle
+(:func:`split_layers`), the launchers run the same kernels once per layer (``FIRST``/``LAST``),
+each program computing one ``BLOCK_N``-column block of that layer for its 16 rows
+(``COL_BLOCKS`` programs per row block; 16 columns where 32 would still leave SMs idle): 784
+programs per hidden layer of the model, the layer boundary being the launch boundary. ``L``
+launches instead of one (host time: each is one Triton launch; inside a CUDA graph, one node
+each), each of the wide layers' launches filling the SMs.
 
 Parameters are read in place: the per-layer weights, biases and scales are tuple kernel arguments
 (a pointer each), so no call concatenates or copies them. The layer widths are compile-time
@@ -33,9 +45,10 @@ by CUDA's 65535 limit on the second and third grid axes.
 Numerics: ``precision`` is ``tl.dot``'s ``input_precision``: ``"ieee"`` (exact fp32 products,
 FFMA, the default), ``"tf32"`` (tensor cores, 10-bit mantissa products) or ``"tf32x3"`` (three
 TF32 products, close to fp32); float64 inputs always use ``"ieee"``. Activations come from
-``kernels/_activations.py``. Launches run under the tensors' CUDA device; the launchers allocate
-nothing host-to-device after the first call for a shape (the one-hot table of the weight kernel
-is cached), and read nothing back, so a call can be captured in a CUDA graph.
+``kernels/_activations.py``. Launches run under the tensors' CUDA device; the launchers copy
+nothing host-to-device (the one-hot table of the weight kernel is built on the device, once per
+shape, and cached) and read nothing back, so no call synchronises with the host and a call can be
+captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -54,12 +67,11 @@ from ._target import gpu_sms
 
 
 @triton.jit
-def _row_block(seg_ptr, E, B, BLOCK_M: tl.constexpr, DENSE: tl.constexpr):
-    """``(member, first row, end row)`` of this program's row block. Dense: ``cdiv(B, BLOCK_M)``
-    blocks per member. Grouped: program ``p`` takes the ``p``-th block when every member's rows
-    ``seg[e]:seg[e+1]`` are cut into ``BLOCK_M``-row blocks one member after another; a program
-    past the last block gets an empty range."""
-    pid = tl.program_id(0).to(tl.int64)
+def _row_block(pid, seg_ptr, E, B, BLOCK_M: tl.constexpr, DENSE: tl.constexpr):
+    """``(member, first row, end row)`` of row block ``pid``. Dense: ``cdiv(B, BLOCK_M)`` blocks per
+    member. Grouped: block ``p`` is the ``p``-th when every member's rows ``seg[e]:seg[e+1]`` are
+    cut into ``BLOCK_M``-row blocks one member after another; a block past the last one gets an
+    empty range."""
     if DENSE:
         b64 = pid * 0 + B  # int64 (B may be specialised to a constant)
         nb = (b64 + BLOCK_M - 1) // BLOCK_M
@@ -85,6 +97,32 @@ def _row_block(seg_ptr, E, B, BLOCK_M: tl.constexpr, DENSE: tl.constexpr):
 
 
 @triton.jit
+def _fwd_tile(src, dst, w_base, s_ptr, b_ptr, e, rows, rmask, n0,
+              K: tl.constexpr, N: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+              ACT_IN: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """Output columns ``n0:n0 + BLOCK_N`` of one layer for the block's rows:
+    ``dst = (act?(src) @ W) * s + b`` (``act`` on load for hidden inputs)."""
+    dty = src.dtype.element_ty
+    cols = n0 + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=dty)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        a = tl.load(src + rows[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        if ACT_IN:
+            a = _act(a, ACT)  # act(0) = 0 for every activation: padding stays 0
+        w = tl.load(w_base + ks[:, None] * N + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=dty)
+    if HAS_SCALE:
+        acc = acc * tl.load(s_ptr + e)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + e * N + cols, mask=cmask, other=0.0)[None, :]
+    tl.store(dst + rows[:, None] * N + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
 def _mlp_fwd_kernel(
     x_ptr, y_ptr, z_ptr, seg_ptr, Ws, Bs, Ss,
     R, E, B,
@@ -92,13 +130,15 @@ def _mlp_fwd_kernel(
     BIAS_MASK: tl.constexpr, SCALE_MASK: tl.constexpr, ACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, DENSE: tl.constexpr,
+    FIRST: tl.constexpr, LAST: tl.constexpr, COL_BLOCKS: tl.constexpr,
 ):
-    e, row_start, row_end = _row_block(seg_ptr, E, B, BLOCK_M, DENSE)
+    # layers FIRST..LAST-1; COL_BLOCKS > 1 (one layer per launch): program = (row block, column block)
+    pid = tl.program_id(0).to(tl.int64)
+    e, row_start, row_end = _row_block(pid // COL_BLOCKS, seg_ptr, E, B, BLOCK_M, DENSE)
     if row_start < row_end:
         rows = row_start + tl.arange(0, BLOCK_M).to(tl.int64)
         rmask = rows < row_end
-        dty = x_ptr.dtype.element_ty
-        for l in tl.static_range(NUM_LAYERS):
+        for l in tl.static_range(FIRST, LAST):
             w_base = Ws[l] + e * (DIMS[l] * DIMS[l + 1])
             if l == 0:
                 src = x_ptr
@@ -108,27 +148,42 @@ def _mlp_fwd_kernel(
                 dst = y_ptr
             else:
                 dst = z_ptr + R * HOFFS[l]
-            for n0 in range(0, DIMS[l + 1], BLOCK_N):
-                cols = n0 + tl.arange(0, BLOCK_N)
-                cmask = cols < DIMS[l + 1]
-                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=dty)
-                for k0 in range(0, DIMS[l], BLOCK_K):
-                    ks = k0 + tl.arange(0, BLOCK_K)
-                    kmask = ks < DIMS[l]
-                    a = tl.load(src + rows[:, None] * DIMS[l] + ks[None, :],
-                                mask=rmask[:, None] & kmask[None, :], other=0.0)
-                    if l > 0:
-                        a = _act(a, ACT)  # act(0) = 0 for every activation: padding stays 0
-                    w = tl.load(w_base + ks[:, None] * DIMS[l + 1] + cols[None, :],
-                                mask=kmask[:, None] & cmask[None, :], other=0.0)
-                    acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=dty)
-                if (SCALE_MASK >> l) & 1:
-                    acc = acc * tl.load(Ss[l] + e)
-                if (BIAS_MASK >> l) & 1:
-                    acc += tl.load(Bs[l] + e * DIMS[l + 1] + cols, mask=cmask, other=0.0)[None, :]
-                tl.store(dst + rows[:, None] * DIMS[l + 1] + cols[None, :], acc,
-                         mask=rmask[:, None] & cmask[None, :])
+            if COL_BLOCKS > 1:
+                _fwd_tile(src, dst, w_base, Ss[l], Bs[l], e, rows, rmask, (pid % COL_BLOCKS) * BLOCK_N,
+                          DIMS[l], DIMS[l + 1], (SCALE_MASK >> l) & 1, (BIAS_MASK >> l) & 1, l > 0, ACT,
+                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            else:
+                for n0 in range(0, DIMS[l + 1], BLOCK_N):
+                    _fwd_tile(src, dst, w_base, Ss[l], Bs[l], e, rows, rmask, n0,
+                              DIMS[l], DIMS[l + 1], (SCALE_MASK >> l) & 1, (BIAS_MASK >> l) & 1, l > 0, ACT,
+                              BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
             tl.debug_barrier()
+
+
+@triton.jit
+def _bwd_tile(src, dst, zp_src, w_base, s_ptr, e, rows, rmask, k0,
+              K: tl.constexpr, N: tl.constexpr, HAS_SCALE: tl.constexpr, HIDDEN_IN: tl.constexpr,
+              ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """Input-feature columns ``k0:k0 + BLOCK_N`` of one layer's data gradient for the block's rows:
+    ``dst = (src @ Wᵀ) * s``, times ``act'(z)`` of the layer's input when it is a hidden layer."""
+    dty = src.dtype.element_ty
+    ks = k0 + tl.arange(0, BLOCK_N)
+    kmask = ks < K
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=dty)
+    for n0 in range(0, N, BLOCK_K):
+        ns = n0 + tl.arange(0, BLOCK_K)
+        nmask = ns < N
+        dz = tl.load(src + rows[:, None] * N + ns[None, :], mask=rmask[:, None] & nmask[None, :], other=0.0)
+        wt = tl.load(w_base + ks[None, :] * N + ns[:, None], mask=nmask[:, None] & kmask[None, :], other=0.0)
+        acc = tl.dot(dz, wt, acc, input_precision=PRECISION, out_dtype=dty)
+    if HAS_SCALE:
+        acc = acc * tl.load(s_ptr + e)
+    omask = rmask[:, None] & kmask[None, :]
+    if HIDDEN_IN:
+        zp = tl.load(zp_src + rows[:, None] * K + ks[None, :], mask=omask, other=0.0)
+        acc = acc * _act_grad(zp, ACT)
+    tl.store(dst + rows[:, None] * K + ks[None, :], acc, mask=omask)
 
 
 @triton.jit
@@ -137,15 +192,17 @@ def _mlp_bwd_data_kernel(
     R, E, B,
     DIMS: tl.constexpr, HOFFS: tl.constexpr, NUM_LAYERS: tl.constexpr, SCALE_MASK: tl.constexpr,
     ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, NEED_DX: tl.constexpr, DENSE: tl.constexpr,
+    PRECISION: tl.constexpr, DENSE: tl.constexpr,
+    FIRST: tl.constexpr, LAST: tl.constexpr, COL_BLOCKS: tl.constexpr,
 ):
-    e, row_start, row_end = _row_block(seg_ptr, E, B, BLOCK_M, DENSE)
+    # layers LAST-1 down to FIRST (FIRST = 1 skips dx when x needs no gradient); COL_BLOCKS > 1
+    # (one layer per launch): program = (row block, block of the layer's input features)
+    pid = tl.program_id(0).to(tl.int64)
+    e, row_start, row_end = _row_block(pid // COL_BLOCKS, seg_ptr, E, B, BLOCK_M, DENSE)
     if row_start < row_end:
         rows = row_start + tl.arange(0, BLOCK_M).to(tl.int64)
         rmask = rows < row_end
-        dty = g_ptr.dtype.element_ty
-        # layer 0 writes dx: skipped (L - 1 layers) when x needs no gradient
-        for l in tl.static_range(NUM_LAYERS - 1, -NEED_DX, -1):
+        for l in tl.static_range(LAST - 1, FIRST - 1, -1):
             w_base = Ws[l] + e * (DIMS[l] * DIMS[l + 1])
             if l == NUM_LAYERS - 1:
                 src = g_ptr
@@ -153,29 +210,20 @@ def _mlp_bwd_data_kernel(
                 src = dz_ptr + R * HOFFS[l]
             if l == 0:
                 dst = dx_ptr
+                zp_src = z_ptr  # unused: layer 0's input is x (no activation)
             else:
                 dst = dz_ptr + R * HOFFS[l - 1]
+                zp_src = z_ptr + R * HOFFS[l - 1]
             # output tile over the layer's input features (k), reduction over its outputs (n)
-            for k0 in range(0, DIMS[l], BLOCK_N):
-                ks = k0 + tl.arange(0, BLOCK_N)
-                kmask = ks < DIMS[l]
-                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=dty)
-                for n0 in range(0, DIMS[l + 1], BLOCK_K):
-                    ns = n0 + tl.arange(0, BLOCK_K)
-                    nmask = ns < DIMS[l + 1]
-                    dz = tl.load(src + rows[:, None] * DIMS[l + 1] + ns[None, :],
-                                 mask=rmask[:, None] & nmask[None, :], other=0.0)
-                    wt = tl.load(w_base + ks[None, :] * DIMS[l + 1] + ns[:, None],
-                                 mask=nmask[:, None] & kmask[None, :], other=0.0)
-                    acc = tl.dot(dz, wt, acc, input_precision=PRECISION, out_dtype=dty)
-                if (SCALE_MASK >> l) & 1:
-                    acc = acc * tl.load(Ss[l] + e)
-                omask = rmask[:, None] & kmask[None, :]
-                if l > 0:
-                    zp = tl.load(z_ptr + R * HOFFS[l - 1] + rows[:, None] * DIMS[l] + ks[None, :], mask=omask,
-                                 other=0.0)
-                    acc = acc * _act_grad(zp, ACT)
-                tl.store(dst + rows[:, None] * DIMS[l] + ks[None, :], acc, mask=omask)
+            if COL_BLOCKS > 1:
+                _bwd_tile(src, dst, zp_src, w_base, Ss[l], e, rows, rmask, (pid % COL_BLOCKS) * BLOCK_N,
+                          DIMS[l], DIMS[l + 1], (SCALE_MASK >> l) & 1, l > 0, ACT, BLOCK_M, BLOCK_N, BLOCK_K,
+                          PRECISION)
+            else:
+                for k0 in range(0, DIMS[l], BLOCK_N):
+                    _bwd_tile(src, dst, zp_src, w_base, Ss[l], e, rows, rmask, k0,
+                              DIMS[l], DIMS[l + 1], (SCALE_MASK >> l) & 1, l > 0, ACT, BLOCK_M, BLOCK_N, BLOCK_K,
+                              PRECISION)
             tl.debug_barrier()
 
 
@@ -258,6 +306,56 @@ def row_programs(E: int, R: int, block_m: int, grouped: bool) -> int:
     return E * triton.cdiv(R // E, block_m) if E else 0
 
 
+_LAYOUT: Optional[bool] = None
+
+
+@contextlib.contextmanager
+def forced_layout(split: Optional[bool]):
+    """Inside the block the row kernels run split (True), fused (False) or as
+    :func:`split_layers` decides (None), e.g. to time both layouts side by side."""
+    global _LAYOUT
+    previous, _LAYOUT = _LAYOUT, split
+    try:
+        yield
+    finally:
+        _LAYOUT = previous
+
+
+def split_layers(row_grid: int, device: torch.device, split: Optional[bool] = None) -> bool:
+    """Whether the row kernels run one launch per layer with the layer's columns split across
+    programs (``row_grid x column blocks`` programs each) instead of one launch for the whole
+    network (``row_grid`` programs, each running every layer on its rows): on a GPU when the
+    fused grid leaves streaming multiprocessors idle (``row_grid`` < SMs, e.g. 112 programs for
+    E = 7, B = 256 on a 132-SM H200: ``tl.dot`` needs 16 rows, so rows cannot be cut finer).
+    The choice depends on the shapes only, never on whether a CUDA graph is being captured (a
+    kernel first compiled during a capture cannot be loaded). ``split`` True / False, or
+    :func:`forced_layout`, forces it (the tests run both layouts on the interpreter)."""
+    if split is None:
+        split = _LAYOUT
+    if split is not None:
+        return bool(split)
+    sms = gpu_sms(device)
+    return sms is not None and row_grid < sms
+
+
+def _launches(num_layers: int, first: int, dims: Sequence[int], block_n: int, split: bool, out_side: int,
+              row_grid: int, device: torch.device):
+    """``(FIRST, LAST, COL_BLOCKS, BLOCK_N)`` of each launch covering layers ``first..num_layers-1``:
+    one launch, or one per layer with ``cdiv(width, BLOCK_N)`` column blocks of the layer's output
+    (``out_side=1``, forward) or input (``out_side=0``, data backward) features; a layer whose
+    ``block_n``-wide blocks would still leave SMs idle gets 16-column blocks."""
+    if not split:
+        return [(first, num_layers, 1, block_n)]
+    sms = gpu_sms(device)
+    out = []
+    for l in range(first, num_layers):
+        width, bn = dims[l + out_side], block_n
+        if sms is not None and row_grid * triton.cdiv(width, bn) < sms:
+            bn = 16
+        out.append((l, l + 1, triton.cdiv(width, bn), bn))
+    return out
+
+
 def device_guard(device: torch.device):
     """Context that makes ``device`` current for a launch (tensors on ``cuda:1`` and so on)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -303,9 +401,9 @@ def _tile_table(dims: Tuple[int, ...], block_k: int, block_n: int, dtype: torch.
         starts.append(starts[-1] + triton.cdiv(dims[l], block_k) * triton.cdiv(dims[l + 1], block_n))
     key = (tuple(starts), dtype, str(device))
     onehot = _ONEHOT.get(key)
-    if onehot is None:
-        layer_of = torch.repeat_interleave(torch.arange(len(starts) - 1), torch.tensor(starts).diff())
-        onehot = torch.nn.functional.one_hot(layer_of, len(starts) - 1).to(dtype=dtype, device=device)
+    if onehot is None:  # built on the device from Python bounds: no host-to-device copy (a sync on CUDA)
+        tile = torch.arange(starts[-1], device=device)
+        onehot = torch.stack([(tile >= a) & (tile < b) for a, b in zip(starts[:-1], starts[1:])], dim=1).to(dtype)
         _ONEHOT[key] = onehot
     return tuple(starts), onehot
 
@@ -331,8 +429,9 @@ def mlp_forward(
     scales: Sequence[Optional[torch.Tensor]],
     activation: str,
     precision: str = "ieee",
+    split: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fused forward of the whole MLP in one launch.
+    """Fused forward of the whole MLP in one launch (or one per layer, see :func:`split_layers`).
 
     ``x``: ``[R, d_0]`` rows; ``seg`` None for the dense layout (``R / E`` rows per member), else
     the ``[E + 1]`` int64 row table of rows grouped by member. Parameters contiguous (read in
@@ -352,16 +451,19 @@ def mlp_forward(
     z = x.new_empty(max(R * hoffs[-1], 1))
     BM, BN, BK, warps = tiles(dims, x.device)
     grouped = seg is not None
-    grid = (row_programs(E, R, BM, grouped),)
-    if grid[0] > 0:
+    rows = row_programs(E, R, BM, grouped)
+    if rows > 0:
         with device_guard(x.device):
-            _mlp_fwd_kernel[grid](
-                x, y, z, seg if grouped else x, tuple(weights), _present_or(biases, x), _present_or(scales, x),
-                R, E, R // E if not grouped else 0,
-                DIMS=dims, HOFFS=hoffs, NUM_LAYERS=L, BIAS_MASK=_mask(biases), SCALE_MASK=_mask(scales),
-                ACT=ACT_CODES[activation], BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-                PRECISION=_dot_precision(precision, x.dtype), DENSE=not grouped, num_warps=warps,
-            )
+            for first, last, cols, bn in _launches(L, 0, dims, BN, split_layers(rows, x.device, split), 1, rows,
+                                                   x.device):
+                _mlp_fwd_kernel[(rows * cols,)](
+                    x, y, z, seg if grouped else x, tuple(weights), _present_or(biases, x), _present_or(scales, x),
+                    R, E, R // E if not grouped else 0,
+                    DIMS=dims, HOFFS=hoffs, NUM_LAYERS=L, BIAS_MASK=_mask(biases), SCALE_MASK=_mask(scales),
+                    ACT=ACT_CODES[activation], BLOCK_M=BM, BLOCK_N=bn, BLOCK_K=BK,
+                    PRECISION=_dot_precision(precision, x.dtype), DENSE=not grouped,
+                    FIRST=first, LAST=last, COL_BLOCKS=cols, num_warps=warps,
+                )
     return y, z[: R * hoffs[-1]]
 
 
@@ -376,9 +478,10 @@ def mlp_backward(
     precision: str = "ieee",
     need_dx: bool = True,
     need_params: bool = True,
+    split: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor], torch.Tensor]:
     """Backward of :func:`mlp_forward` in two launches (data gradients, then per-member weight
-    reductions). Returns ``dx [R, d_0]``, the weight gradients ``[E, d_l, d_{l+1}]`` and bias
+    reductions; the data gradients one launch per layer when :func:`split_layers` says so). Returns ``dx [R, d_0]``, the weight gradients ``[E, d_l, d_{l+1}]`` and bias
     gradients ``[E, d_{l+1}]`` of every layer, and the scale gradients ``[E, L]`` (bias and scale
     gradients for every layer, whether or not it has one).
 
@@ -407,15 +510,19 @@ def mlp_backward(
     smask = _mask(scales)
     ss = _present_or(scales, x)
     BM, BN, BK, warps = tiles(dims, x.device)
-    grid = (row_programs(E, R, BM, grouped),)
+    rows = row_programs(E, R, BM, grouped)
     with device_guard(x.device):
-        if grid[0] > 0 and (need_dx or (need_params and L > 1)):
-            _mlp_bwd_data_kernel[grid](
-                grad_y, dx, z, dz, seg_arg, tuple(weights), ss, R, E, B,
-                DIMS=dims, HOFFS=hoffs, NUM_LAYERS=L, SCALE_MASK=smask, ACT=act,
-                BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, PRECISION=prec, NEED_DX=int(need_dx), DENSE=not grouped,
-                num_warps=warps,
-            )
+        if rows > 0 and (need_dx or (need_params and L > 1)):
+            # layer 0 writes dx: skipped (L - 1 layers) when x needs no gradient
+            launches = _launches(L, 0 if need_dx else 1, dims, BN, split_layers(rows, x.device, split), 0, rows,
+                                 x.device)
+            for first, last, cols, bn in reversed(launches):
+                _mlp_bwd_data_kernel[(rows * cols,)](
+                    grad_y, dx, z, dz, seg_arg, tuple(weights), ss, R, E, B,
+                    DIMS=dims, HOFFS=hoffs, NUM_LAYERS=L, SCALE_MASK=smask, ACT=act,
+                    BLOCK_M=BM, BLOCK_N=bn, BLOCK_K=BK, PRECISION=prec, DENSE=not grouped,
+                    FIRST=first, LAST=last, COL_BLOCKS=cols, num_warps=warps,
+                )
         if not need_params:
             return dx, [], [], x.new_empty(E, 0)
         WM, WN, WK, wwarps = weight_tiles(dims, x.device)

@@ -151,3 +151,44 @@ def test_all_drops_stale_results_and_stops_a_script_at_its_timeout(tmp_path, mon
     assert all_.main(["--summary", "--out", str(tmp_path / "empty"), "--tag", "x"]) == 1
     with pytest.raises(SystemExit):
         all_.main(["--summary", "--quick"])
+
+
+def test_update_providers_and_partial_results(monkeypatch):
+    """update.py: fastrp-compile is the trainer's --compile without CUDA graphs; each provider is
+    timed right after its warm-up, then round-robin; progress reports partial results; a failing
+    provider keeps its error; the torch.compile counters each provider's calls moved are its own."""
+    update = _bench_module("update")
+    from torch._dynamo.utils import counters
+
+    base = {"env": "HalfCheetah", "algo": "ddppo-sn", "preset": "tiny", "device": "cpu"}
+    flags = {p: (update.resolve({**base, "compile": p in ("fastrp-compile", "fastrp-cudagraph"),
+                                 "cuda_graphs": p == "fastrp-cudagraph"})) for p in ("fastrp", "fastrp-compile")}
+    assert (flags["fastrp-compile"].compile, flags["fastrp-compile"].cuda_graphs) == (True, False)
+    calls = []
+
+    class FakeRunner:
+        def __init__(self, provider, base_cfg, buffer, device, seed, synthetic=False):
+            self.provider = provider
+            if provider == "eager":
+                raise RuntimeError("broken provider")
+
+        def repeat(self):
+            calls.append(self.provider)
+            if self.provider == "fastrp-compile":
+                counters["inductor"]["fake_compiles"] += 1
+            return {"model": 250.0, "grad_model": 250.0, "critic": 1.0, "policy": 2.0}
+
+    monkeypatch.setattr(update, "Runner", FakeRunner)
+    monkeypatch.setitem(counters, "inductor", counters["inductor"].copy())  # restored afterwards
+    seen = []
+    results = update.run(["eager", "fastrp", "fastrp-compile", "fastrp-cudagraph"], base, None,
+                         torch.device("cpu"), 3, 0, progress=lambda r, complete: seen.append(
+                             {k: v.get("repeats") for k, v in r.items()}))
+    assert calls == ["fastrp", "fastrp", "fastrp-compile", "fastrp-compile"] + ["fastrp", "fastrp-compile"] * 2
+    assert results["eager"]["error"].startswith("RuntimeError: broken provider")
+    assert results["fastrp-cudagraph"]["error"] == "CUDA only"
+    assert results["fastrp"]["repeats"] == 3 and results["fastrp"]["update"]["median_ms"] == 3.0 + 500.0 / 50
+    assert results["fastrp-compile"]["counters"] == {"inductor": {"fake_compiles": 4}}
+    assert "counters" not in results["fastrp"]
+    assert [[s[p] for p in ("eager", "fastrp", "fastrp-compile")] for s in seen] == \
+        [[None, None, None], [None, 1, None], [None, 1, 1], [None, 2, 2], [None, 3, 3]]

@@ -14,7 +14,7 @@ import torch
 
 from fastrp import _ext
 from fastrp.ops.knn import _knn_dispatch, fd_targets, fd_targets_ref, knn, knn_ref
-from utils import assert_close_to_ref
+from utils import assert_close_to_ref, no_host_sync
 
 needs_ext = pytest.mark.skipif(not _ext.has_ext(), reason="compiled extension fastrp._C not available")
 needs_cuda_ext = pytest.mark.skipif(not _ext.has_cuda_ext(), reason="fastrp._C built without CUDA sources")
@@ -375,7 +375,8 @@ def test_kernels_agree_on_non_finite_rows(backend, dtype):
     finite_rows = torch.tensor([0, 2, 3, 5, 7])
     for k, exclude in ((3, None), (7, None), (7, torch.tensor([0, -1, 5, 3])), (8, None)):
         ex = None if exclude is None else exclude.to(device)
-        dist2, idx = _knn_dispatch(queries, points, k, ex, backend)
+        with no_host_sync(device):
+            dist2, idx = _knn_dispatch(queries, points, k, ex, backend)
         dist2, idx = dist2.cpu(), idx.cpu()
         assert dist2.dtype == dtype and idx.dtype == torch.int64 and dist2.shape == idx.shape == (4, k)
         for q in (1, 2):
@@ -485,15 +486,17 @@ def test_memory_is_tiled(backend):
 def test_cuda_matches_cpu(shape, dtype):
     q_count, n, d = shape
     queries, points = torch.randn(q_count, d, dtype=dtype), torch.randn(n, d, dtype=dtype)
+    qc, pc = queries.cuda(), points.cuda()
     for k in sorted({1, min(10, n), min(n, 100)}):
-        qc, pc = queries.cuda(), points.cuda()
-        dist2, idx = knn(qc, pc, k, backend="cuda")
+        with no_host_sync():
+            dist2, idx = knn(qc, pc, k, backend="cuda")
         check_knn_result(qc, pc, k, None, dist2, idx)
         ref32, _ = knn_ref(queries.float(), points.float(), k)
         assert_close_to_ref(dist2.cpu(), ref32, knn_ref(queries.double(), points.double(), k)[0], name="cuda dist2")
     exclude = torch.randint(-1, n, (q_count,)).cuda()
     if n > 1:
-        dist2, idx = knn(qc, pc, n - 1, exclude, backend="cuda")
+        with no_host_sync():
+            dist2, idx = knn(qc, pc, n - 1, exclude, backend="cuda")
         check_knn_result(qc, pc, n - 1, exclude, dist2, idx)
         cpu_dist2, _ = knn(queries, points, n - 1, exclude.cpu(), backend="torch")
         torch.testing.assert_close(dist2.cpu(), cpu_dist2, rtol=1e-5, atol=1e-5)
@@ -505,12 +508,14 @@ def test_cuda_large_k_and_duplicates():
     base = torch.randn(50, 7)
     points = base[torch.randint(0, 50, (3000,))].cuda()
     for k in (3000, 1500, 257):
-        dist2, idx = knn(points[:64], points, k, backend="cuda")
+        with no_host_sync():
+            dist2, idx = knn(points[:64], points, k, backend="cuda")
         check_knn_result(points[:64], points, k, None, dist2, idx)
         torch.testing.assert_close(dist2.cpu(), brute_force(points[:64].cpu(), points.cpu(), k).float(),
                                    rtol=1e-5, atol=1e-5)
     exclude = torch.arange(3000, device="cuda")
-    dist2, idx = knn(points, points, 2999, exclude, backend="cuda")
+    with no_host_sync():
+        dist2, idx = knn(points, points, 2999, exclude, backend="cuda")
     check_knn_result(points, points, 2999, exclude, dist2, idx)
 
 
@@ -519,7 +524,9 @@ def test_cuda_large_k_and_duplicates():
 def test_cuda_fd_targets_auto_backend_and_opcheck():
     inputs, outputs, query_idx = _fd_data(n=5000, q=256)
     scale = torch.rand(inputs.shape[1]) + 0.5
-    got = fd_targets(inputs.cuda(), outputs.cuda(), query_idx.cuda(), 10, scale.cuda())
+    on_gpu = inputs.cuda(), outputs.cuda(), query_idx.cuda(), 10, scale.cuda()
+    with no_host_sync():
+        got = fd_targets(*on_gpu)
     want = fd_targets(inputs, outputs, query_idx, 10, scale, backend="torch")
     x = inputs / scale
     searched = ((x[got[2].cpu()] - x[query_idx, None]) ** 2).sum(-1)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastrp.ops.linear import ensemble_linear, ensemble_linear_ref
-from utils import assert_close_to_ref, backends, needs_triton
+from utils import assert_close_to_ref, backends, needs_triton, no_host_sync
 
 
 def make_inputs(E, B, d_in, d_out, bias=True, scale=True, dtype=torch.float32):
@@ -19,16 +19,22 @@ def make_inputs(E, B, d_in, d_out, bias=True, scale=True, dtype=torch.float32):
 def check_against_ref(backend, x, w, b, s, device="cpu"):
     present = [t for t in (x, w, b, s) if t is not None]
     names = [n for n, t in zip(("x", "weight", "bias", "scale"), (x, w, b, s)) if t is not None]
-    results = {}
+    grad = torch.randn(x.shape[0], x.shape[1], w.shape[2], dtype=torch.float64, device=device)
+    results, grads = {}, {}
     for tag, dtype in (("out", torch.float32), ("ref32", torch.float32), ("ref64", torch.float64)):
         leaves = [t.detach().to(device=device, dtype=dtype).requires_grad_(True) for t in present]
         it = iter(leaves)
         xi, wi, bi, si = (next(it) if t is not None else None for t in (x, w, b, s))
-        y = ensemble_linear(xi, wi, bi, si, backend=backend) if tag == "out" else ensemble_linear_ref(xi, wi, bi, si)
-        results[tag] = (y, leaves)
-    grad = torch.randn(results["ref64"][0].shape, dtype=torch.float64, device=device)
-    assert_close_to_ref(results["out"][0], results["ref32"][0], results["ref64"][0], name="y")
-    grads = {tag: torch.autograd.grad(y, leaves, grad.to(y.dtype)) for tag, (y, leaves) in results.items()}
+        g = grad.to(dtype)
+        if tag == "out":
+            with no_host_sync(device):  # on CUDA the op's forward and backward may not sync
+                y = ensemble_linear(xi, wi, bi, si, backend=backend)
+                grads[tag] = torch.autograd.grad(y, leaves, g)
+        else:
+            y = ensemble_linear_ref(xi, wi, bi, si)
+            grads[tag] = torch.autograd.grad(y, leaves, g)
+        results[tag] = y
+    assert_close_to_ref(results["out"], results["ref32"], results["ref64"], name="y")
     for i, name in enumerate(names):
         assert_close_to_ref(grads["out"][i], grads["ref32"][i], grads["ref64"][i], name=f"grad {name}")
 
@@ -151,7 +157,9 @@ def test_cuda_matches_reference(backend, E, B, d_in, d_out, bias, scale):
 def test_cuda_matches_cpu():
     x, w, b, s = make_inputs(7, 256, 200, 200)
     cpu = ensemble_linear(x, w, b, s, backend="torch")
-    gpu = ensemble_linear(x.cuda(), w.cuda(), b.cuda(), s.cuda())
+    on_gpu = x.cuda(), w.cuda(), b.cuda(), s.cuda()
+    with no_host_sync():
+        gpu = ensemble_linear(*on_gpu)
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="weight must be on device"):
         ensemble_linear(x.cuda(), w, b, s)

@@ -6,7 +6,7 @@ import torch
 
 from fastrp.ops._common import resolve_backend
 from fastrp.ops.mlp import ensemble_mlp, ensemble_mlp_ref
-from utils import assert_close_to_ref, backends, needs_triton
+from utils import assert_close_to_ref, backends, needs_triton, no_host_sync
 
 
 def make_params(E, dims, dtype=torch.float32, bias="all", scale="some", seed=0):
@@ -43,23 +43,24 @@ def check_against_ref(backend, x, weights, biases, scales, activation, members=N
     move = lambda t: None if t is None else t.to(device)  # noqa: E731
     x, weights, biases, scales = move(x), [move(w) for w in weights], [move(b) for b in biases], [move(s) for s in scales]
     members = move(members)
-    runs = {}
+    grad = torch.randn(*x.shape[:-1], weights[-1].shape[2], dtype=torch.float64, device=device)
+    runs, grads = {}, {}
     for tag, dtype in (("out", torch.float32), ("ref32", torch.float32), ("ref64", torch.float64)):
         xi, wi, bi, si = _leaves(x, weights, biases, scales, dtype)
         if tag == "out":
-            y = ensemble_mlp(xi, wi, bi, si, activation, members=members, backend=backend)
+            with no_host_sync(device):  # on CUDA the op's forward and backward may not sync
+                y = ensemble_mlp(xi, wi, bi, si, activation, members=members, backend=backend)
+                grads[tag] = _grads(y, grad, xi, wi, bi, si)
         else:
             y = ensemble_mlp_ref(xi, wi, bi, si, activation, members=members)
-        runs[tag] = (y, xi, wi, bi, si)
-    grad = torch.randn(runs["ref64"][0].shape, dtype=torch.float64, device=device)
-    assert_close_to_ref(runs["out"][0], runs["ref32"][0], runs["ref64"][0], name="y")
-    names, g_out = _grads(*runs["out"][:1], grad, *runs["out"][1:])
-    _, g32 = _grads(*runs["ref32"][:1], grad, *runs["ref32"][1:])
-    _, g64 = _grads(*runs["ref64"][:1], grad, *runs["ref64"][1:])
+            grads[tag] = _grads(y, grad, xi, wi, bi, si)
+        runs[tag] = y
+    assert_close_to_ref(runs["out"], runs["ref32"], runs["ref64"], name="y")
+    (names, g_out), (_, g32), (_, g64) = grads["out"], grads["ref32"], grads["ref64"]
     for name, a, b, c in zip(names, g_out, g32, g64):
         assert a.dtype == torch.float32
         assert_close_to_ref(a, b, c, name=f"grad {name}")
-    return runs["out"][0]
+    return runs["out"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,6 +290,68 @@ def triton_cdiv(a, b):
     return -(-a // b)
 
 
+def test_layers_split_only_when_the_fused_grid_leaves_sms_idle():
+    pytest.importorskip("triton")
+    from fastrp.kernels.ensemble_mlp import forced_layout, split_layers
+    from fastrp.kernels._target import compile_for
+
+    cpu = torch.device("cpu")
+    assert not split_layers(112, cpu)  # the interpreter: one fused launch
+    with compile_for(132):  # an H200: E = 7, B = 256 gives 112 row blocks of 16
+        assert split_layers(112, cpu) and split_layers(23, cpu) and not split_layers(132, cpu)
+        assert not split_layers(3, cpu, split=False)
+        with forced_layout(False):
+            assert not split_layers(112, cpu)
+    assert split_layers(500, cpu, split=True)
+    with forced_layout(True):
+        assert split_layers(500, cpu) and not split_layers(500, cpu, split=False)
+
+
+@needs_triton
+@pytest.mark.parametrize("grouped", [False, True])
+def test_layer_split_equals_the_fused_launch(grouped):
+    """One launch per layer with its columns split across programs (what a GPU runs when the fused
+    grid leaves SMs idle) gives bit for bit the fused launch's results, forward and backward, with
+    and without dx; widths over the interpreter's 128-column tile so layers have several column
+    blocks."""
+    from fastrp.kernels.ensemble_mlp import mlp_backward, mlp_forward
+
+    E, dims = 3, [5, 200, 257, 3]
+    weights, biases, scales = make_params(E, dims, bias="some", scale="some")
+    R = E * 37
+    x = torch.randn(R, dims[0])
+    seg = torch.tensor([0, 40, 40, R]) if grouped else None  # member 1 gets no row
+    g = torch.randn(R, dims[-1])
+    runs = []
+    for split in (False, True):
+        y, z = mlp_forward(x, seg, weights, biases, scales, "tanh", split=split)
+        dx, dws, dbs, ds = mlp_backward(g, x, seg, weights, scales, z, "tanh", need_dx=True, split=split)
+        dx0, dws0, _, _ = mlp_backward(g, x, seg, weights, scales, z, "tanh", need_dx=False, split=split)
+        runs.append([y, z, dx, *dws, *dbs, ds, *dws0])
+        assert dx0.shape == (0, dims[0])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    want = ensemble_mlp_ref(x.view(E, 37, -1) if not grouped else x, weights, biases, scales, "tanh",
+                            members=None if not grouped else torch.repeat_interleave(torch.tensor([0, 2]),
+                                                                                     torch.tensor([40, R - 40])))
+    torch.testing.assert_close(runs[1][0], want.reshape(R, -1), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("members_kind", [None, "random"])
+def test_op_with_layers_split_matches_reference(monkeypatch, members_kind):
+    """The whole op (forward, data and weight gradients) through the per-layer launches."""
+    import fastrp.kernels.ensemble_mlp as kern
+
+    auto = kern.split_layers
+    monkeypatch.setattr(kern, "split_layers", lambda rows, device, split=None: auto(rows, device, True))
+    E, B, dims = 3, 37, [5, 200, 257, 3]
+    weights, biases, scales = make_params(E, dims, bias="some", scale="all")
+    members = None if members_kind is None else _members(members_kind, E, B)
+    x = torch.randn(B, dims[0]) if members is not None else torch.randn(E, B, dims[0])
+    check_against_ref("triton", x, weights, biases, scales, "silu", members=members)
+
+
 # ---------------------------------------------------------------------------------------------
 # gradcheck / opcheck / compile
 
@@ -504,7 +567,9 @@ def test_cuda_matches_cpu_and_auto_is_triton():
     x = torch.randn(E, 256, dims[0])
     cpu = ensemble_mlp(x, weights, biases, scales, backend="torch")
     cuda = [t.cuda() for t in weights], [t.cuda() for t in biases], [t.cuda() for t in scales]
-    gpu = ensemble_mlp(x.cuda(), *cuda)
+    xc = x.cuda()
+    with no_host_sync():
+        gpu = ensemble_mlp(xc, *cuda)
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
     assert resolve_backend("ensemble_mlp", None, x.cuda().device, ("triton", "torch")) == "triton"
 
@@ -532,8 +597,11 @@ def test_cuda_compile_triton():
     def loss(x, weights):
         return ensemble_mlp(x, weights, biases, scales, backend="triton").square().sum()
 
-    got = torch.compile(loss, fullgraph=True)(x, weights)
-    want = loss(x, weights)
+    compiled = torch.compile(loss, fullgraph=True)
+    compiled(x, weights)  # compiling may synchronise; running the compiled graph may not
+    with no_host_sync():
+        got = compiled(x, weights)
+        want = loss(x, weights)
     torch.testing.assert_close(got, want)
 
 
@@ -548,10 +616,11 @@ def test_cuda_many_rows(grouped):
     members = torch.randint(0, E, (B,), device="cuda") if grouped else None
     x = torch.randn(B, dims[0], device="cuda") if grouped else torch.randn(E, B, dims[0], device="cuda")
     x.requires_grad_(True)
-    y = ensemble_mlp(x, weights, biases, scales, members=members, backend="triton")
-    grads = torch.autograd.grad(y.sum(), [x] + weights)
-    y_ref = ensemble_mlp(x, weights, biases, scales, members=members, backend="torch")
-    grads_ref = torch.autograd.grad(y_ref.sum(), [x] + weights)
+    with no_host_sync():
+        y = ensemble_mlp(x, weights, biases, scales, members=members, backend="triton")
+        grads = torch.autograd.grad(y.sum(), [x] + weights)
+        y_ref = ensemble_mlp(x, weights, biases, scales, members=members, backend="torch")
+        grads_ref = torch.autograd.grad(y_ref.sum(), [x] + weights)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-2)
@@ -565,8 +634,9 @@ def test_cuda_second_device():
     x = torch.randn(2, 5, 3)
     want = ensemble_mlp(x, weights, biases, scales, backend="torch")
     dev = torch.device("cuda", 1)
-    got = ensemble_mlp(x.to(dev), [w.to(dev) for w in weights], [b.to(dev) for b in biases],
-                       [s.to(dev) for s in scales], backend="triton")
+    args = x.to(dev), [w.to(dev) for w in weights], [b.to(dev) for b in biases], [s.to(dev) for s in scales]
+    with no_host_sync(dev):
+        got = ensemble_mlp(*args, backend="triton")
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from fastrp.ops.linear import ensemble_linear
 from fastrp.ops.spectral import spectral_norm, spectral_norm_layers, spectral_norm_ref
-from utils import assert_close_to_ref, backends, needs_triton
+from utils import assert_close_to_ref, backends, needs_triton, no_host_sync
 
 WIDTHS = (1, 5, 200, 257)
 ALL_SHAPES = [(E, i, o) for E in (1, 7) for i, o in itertools.product(WIDTHS, WIDTHS)]
@@ -376,9 +376,11 @@ def test_cuda_matches_cpu_and_reference(E, i, o, n):
     u = F.normalize(torch.randn(E, o), dim=-1) if n == 0 else None
     wc, vc = weight.cuda().requires_grad_(True), v.cuda()
     uc = None if u is None else u.cuda()
-    sigma, u_out, v_out = spectral_norm(wc, vc, n, u=uc)  # auto: Triton on CUDA
     grad = torch.randn(E)
-    (g,) = torch.autograd.grad(sigma, wc, grad.cuda())
+    gc = grad.cuda()
+    with no_host_sync():
+        sigma, u_out, v_out = spectral_norm(wc, vc, n, u=uc)  # auto: Triton on CUDA
+        (g,) = torch.autograd.grad(sigma, wc, gc)
     w64 = weight.double().requires_grad_(True)
     s64, u64, v64 = spectral_norm_ref(w64, v.double(), n, u=None if u is None else u.double())
     (g64,) = torch.autograd.grad(s64, w64, grad.double())
@@ -400,7 +402,8 @@ def test_cuda_layers_and_gradcheck():
     E = 7
     shapes = [(17, 200), (200, 200), (200, 200), (200, 200), (200, 9)]
     weights, vs = zip(*(_inputs(E, i, o, device="cuda") for i, o in shapes))
-    sigmas, us, vs_out = spectral_norm_layers(list(weights), list(vs), 1)
+    with no_host_sync():
+        sigmas, us, vs_out = spectral_norm_layers(list(weights), list(vs), 1)
     for k, (w, v) in enumerate(zip(weights, vs)):
         s_ref, u_ref, v_ref = spectral_norm(w.cpu(), v.cpu(), 1, backend="torch")
         torch.testing.assert_close(sigmas[k].cpu(), s_ref)

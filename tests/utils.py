@@ -1,4 +1,7 @@
-"""Helpers shared by the test files (tolerance rule of style.md, Triton-on-CPU skips)."""
+"""Helpers shared by the test files (tolerance rule of style.md, Triton-on-CPU skips, the CUDA
+tests' no-sync guard)."""
+
+import contextlib
 
 import pytest
 import torch
@@ -33,3 +36,22 @@ def assert_close_to_ref(out, ref32, ref64, factor: float = 2.0, name: str = "out
     assert err <= factor * base + floor, (
         f"{name}: error {err:.3e} vs float64 exceeds {factor} x float32-reference error {base:.3e} (+{floor:.1e})"
     )
+
+
+@contextlib.contextmanager
+def no_host_sync(device="cuda"):
+    """The CUDA tests' op calls run inside this block: on a CUDA device it sets
+    ``torch.cuda.set_sync_debug_mode("error")``, so any operation that synchronises the host with
+    the device (a read back such as ``.item()`` or ``.tolist()``, ``nonzero``, a pageable
+    host-to-device copy, a stream or device synchronisation) raises. Moving test data to the device
+    and comparing results stay outside the block. On other devices it does nothing."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)

@@ -47,10 +47,12 @@ def rollout_length(cfg, step: int) -> int:
 
 def make_model(cfg, obs_dim: int, act_dim: int, device: torch.device) -> ProbabilisticEnsemble:
     """The config's ensemble: ``ensemble_size`` members, ``model_num_layers`` x ``model_hidden_dim``
-    SiLU, spectral norm on all but the output layer when ``model_spectral_norm``."""
+    SiLU, spectral norm on all but the output layer when ``model_spectral_norm``, matmuls in
+    ``precision``."""
     return ProbabilisticEnsemble(obs_dim, act_dim, cfg.model_hidden_dim, cfg.model_num_layers, cfg.ensemble_size,
                                  cfg.num_elites, activation="silu",
-                                 spectral_norm="hidden" if cfg.model_spectral_norm else "none").to(device)
+                                 spectral_norm="hidden" if cfg.model_spectral_norm else "none",
+                                 precision=cfg.precision).to(device)
 
 
 class Agent:
@@ -83,8 +85,9 @@ class Agent:
                                          spectral_norm=cfg.policy_sn_layers if cfg.policy_spectral_norm else False,
                                          action_scale=((high - low) / 2).tolist(),
                                          action_bias=((high + low) / 2).tolist(),
-                                         obs_normalizer=self.obs_normalizer).to(device)
-        self.critic = TwinQ(obs_dim, act_dim, cfg.hidden_dim, cfg.num_layers, obs_normalizer=self.obs_normalizer).to(device)
+                                         obs_normalizer=self.obs_normalizer, precision=cfg.precision).to(device)
+        self.critic = TwinQ(obs_dim, act_dim, cfg.hidden_dim, cfg.num_layers, obs_normalizer=self.obs_normalizer,
+                            precision=cfg.precision).to(device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.critic_target.obs_normalizer = self.obs_normalizer  # shared, not a frozen copy
         self.log_alpha = torch.tensor(float(cfg.init_alpha), device=device).log().requires_grad_(True)

@@ -23,6 +23,8 @@ class TwinQ(nn.Module):
         hidden_dim, num_layers: ``num_layers`` hidden layers of ``hidden_dim`` units per network.
         activation: ``"relu"`` (default), ``"silu"`` or ``"tanh"``.
         backend: forwarded to the fastrp ops (``None`` picks the fastest for the device).
+        precision: matmul input precision of the fused ops, ``"ieee"`` (default), ``"tf32"`` or
+            ``"tf32x3"`` (see :class:`fastrp.nn.EnsembleMLP`; no effect on CPU).
         obs_normalizer: optional shared :class:`fastrp.nn.RunningNormalizer` over observations
             (the networks see ``(obs - mean) / std``; actions enter as they are).
 
@@ -38,11 +40,12 @@ class TwinQ(nn.Module):
         activation: str = "relu",
         backend: Optional[str] = None,
         obs_normalizer: Optional[nn.Module] = None,
+        precision: str = "ieee",
     ):
         super().__init__()
         self.obs_dim, self.act_dim = int(obs_dim), int(act_dim)
         self.net = EnsembleMLP(obs_dim + act_dim, 1, hidden_dim, num_layers, 2, activation=activation,
-                               spectral_norm="none", backend=backend)
+                               spectral_norm="none", backend=backend, precision=precision)
         self.obs_normalizer = obs_normalizer
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

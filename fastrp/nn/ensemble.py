@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastrp.ops._common import check_activation
+from fastrp.ops._common import check_activation, check_precision
 from fastrp.ops.jvp import ensemble_mlp_jvp
 from fastrp.ops.mlp import ensemble_mlp
 from fastrp.ops.spectral import spectral_norm_layers
@@ -64,6 +64,12 @@ class EnsembleMLP(nn.Module):
         n_power_iterations: power iterations per training-mode forward (``>= 1``).
         eps: ``eps`` of the normalization ``x / max(||x||, eps)``.
         backend: forwarded to the ops (None: auto, Triton on CUDA, torch on CPU).
+        precision: forwarded to every :func:`~fastrp.ops.ensemble_mlp` /
+            :func:`~fastrp.ops.ensemble_mlp_jvp` call: the Triton matmuls' input precision,
+            ``"ieee"`` (exact float32 products, the default), ``"tf32"`` or ``"tf32x3"`` (tensor
+            cores). The torch backend (the CPU default) and float64 always compute in full
+            precision, so on CPU every mode gives the ``"ieee"`` result. The power iteration of
+            spectral norm is not a matmul kernel and always runs in full precision.
     """
 
     def __init__(
@@ -78,6 +84,7 @@ class EnsembleMLP(nn.Module):
         n_power_iterations: int = 1,
         eps: float = 1e-12,
         backend: Optional[str] = None,
+        precision: str = "ieee",
     ) -> None:
         super().__init__()
         _positive_int("in_dim", in_dim)
@@ -87,6 +94,7 @@ class EnsembleMLP(nn.Module):
         _positive_int("ensemble_size", ensemble_size)
         _positive_int("n_power_iterations", n_power_iterations)
         check_activation(activation)
+        check_precision(precision)
         if spectral_norm not in _SN_MODES:
             raise ValueError(f"spectral_norm must be one of {_SN_MODES}, got {spectral_norm!r}")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
@@ -101,6 +109,7 @@ class EnsembleMLP(nn.Module):
         self.n_power_iterations = n_power_iterations
         self.eps = float(eps)
         self.backend = backend
+        self.precision = precision
         self.dims: Tuple[int, ...] = (in_dim,) + (hidden_dim,) * num_layers + (out_dim,)
         num_linear = num_layers + 1
         if spectral_norm == "all":
@@ -233,7 +242,8 @@ class EnsembleMLP(nn.Module):
         if members is None:
             x = self._broadcast(x, 3)
         return ensemble_mlp(
-            x, list(self.weights), list(self.biases), self.scales(), self.activation, members=members, backend=self.backend
+            x, list(self.weights), list(self.biases), self.scales(), self.activation, members=members, backend=self.backend,
+            precision=self.precision,
         )
 
     def forward_jvp(self, x: torch.Tensor, tangents: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -256,12 +266,14 @@ class EnsembleMLP(nn.Module):
         x = self._broadcast(x, 3)
         tangents = self._broadcast(tangents, 4)
         return ensemble_mlp_jvp(
-            x, tangents, list(self.weights), list(self.biases), self.scales(), self.activation, backend=self.backend
+            x, tangents, list(self.weights), list(self.biases), self.scales(), self.activation, backend=self.backend,
+            precision=self.precision,
         )
 
     def extra_repr(self) -> str:
         return (
             f"in_dim={self.in_dim}, out_dim={self.out_dim}, hidden_dim={self.hidden_dim}, "
             f"num_layers={self.num_layers}, ensemble_size={self.ensemble_size}, activation={self.activation!r}, "
-            f"spectral_norm={self.spectral_norm!r}, n_power_iterations={self.n_power_iterations}"
+            f"spectral_norm={self.spectral_norm!r}, n_power_iterations={self.n_power_iterations}, "
+            f"precision={self.precision!r}"
         )

@@ -88,6 +88,10 @@ class ProbabilisticEnsemble(nn.Module):
         logvar_bound_coef: coefficient of ``sum(max_logvar) - sum(min_logvar)`` (0.01).
         input_eps: floor of the input normaliser's std.
         backend: forwarded to the fastrp ops.
+        precision: matmul input precision of the fused ops, ``"ieee"`` (default), ``"tf32"`` or
+            ``"tf32x3"`` (see :class:`fastrp.nn.EnsembleMLP`; no effect on CPU): the forward and
+            backward kernels of the network and the forward of its JVP (the gradient model's
+            directional derivatives; the JVP's backward is torch matmuls in full precision).
 
     Attributes: ``net`` (the ``EnsembleMLP``), ``max_logvar`` / ``min_logvar`` (parameters
     ``[out]``), ``input_normalizer``, buffers ``elite_idx`` (int64 ``[num_elites]``) and
@@ -108,6 +112,7 @@ class ProbabilisticEnsemble(nn.Module):
         logvar_bound_coef: float = 0.01,
         input_eps: float = 1e-6,
         backend: Optional[str] = None,
+        precision: str = "ieee",
     ) -> None:
         super().__init__()
         int_at_least("obs_dim", obs_dim, 1)
@@ -124,7 +129,8 @@ class ProbabilisticEnsemble(nn.Module):
         self.ensemble_size, self.num_elites = ensemble_size, num_elites
         self.logvar_bound_coef = float(logvar_bound_coef)
         self.net = EnsembleMLP(self.in_dim, 2 * self.out_dim, hidden_dim, num_layers, ensemble_size,
-                               activation=activation, spectral_norm=spectral_norm, backend=backend)
+                               activation=activation, spectral_norm=spectral_norm, backend=backend,
+                               precision=precision)
         self.max_logvar = nn.Parameter(torch.full((self.out_dim,), 0.5))
         self.min_logvar = nn.Parameter(torch.full((self.out_dim,), -10.0))
         self.input_normalizer = RunningNormalizer(self.in_dim, eps=input_eps)

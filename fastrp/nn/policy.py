@@ -47,6 +47,8 @@ class TanhGaussianPolicy(nn.Module):
             sequence of ``act_dim`` values: ``(high - low) / 2`` and ``(high + low) / 2``).
         n_power_iterations: power iterations per training-mode forward when ``spectral_norm``.
         backend: forwarded to the fastrp ops (``None`` picks the fastest for the device).
+        precision: matmul input precision of the fused ops, ``"ieee"`` (default), ``"tf32"`` or
+            ``"tf32x3"`` (see :class:`fastrp.nn.EnsembleMLP`; no effect on CPU).
         obs_normalizer: optional :class:`fastrp.nn.RunningNormalizer` over observations; the
             network then sees ``(obs - mean) / std`` (RP-PGM's observation normalisation). The
             module is shared, not copied: its owner updates the statistics.
@@ -66,6 +68,7 @@ class TanhGaussianPolicy(nn.Module):
         n_power_iterations: int = 1,
         backend: Optional[str] = None,
         obs_normalizer: Optional[nn.Module] = None,
+        precision: str = "ieee",
     ):
         super().__init__()
         lo, hi = (float(b) for b in log_std_bounds)
@@ -83,6 +86,7 @@ class TanhGaussianPolicy(nn.Module):
             spectral_norm=_sn_mode(spectral_norm),
             n_power_iterations=n_power_iterations,
             backend=backend,
+            precision=precision,
         )
         scale = torch.as_tensor(action_scale, dtype=torch.float32).expand(act_dim).clone()
         bias = torch.as_tensor(action_bias, dtype=torch.float32).expand(act_dim).clone()

@@ -1,6 +1,6 @@
 """fastrp.ops: the kernel library.
 
-Public ops (see the README and ``shared/design.md`` for the contract). Each op takes
+Public ops (see the README for the contract). Each op takes
 ``backend=None`` (auto: the fastest correct backend for the tensors' device) or one of
 ``"torch"`` (reference), ``"triton"``, ``"cpp"``, ``"cuda"``. A pure-torch reference sits beside
 each op (``*_ref``); tests and benchmarks import it from here.

@@ -1,6 +1,6 @@
 """Ensemble MLP: ``ensemble_mlp`` (fused Triton forward + backward, or torch) and its reference.
 
-Layers of the op, per ``shared/style.md``:
+Layers of the op (kernel, host launcher, autograd Function / registered op):
 
 * kernels and host launchers: ``fastrp.kernels.ensemble_mlp`` (imported lazily, so fastrp imports
   without triton);
@@ -450,7 +450,15 @@ def ensemble_mlp(
     The ``"triton"`` backend runs the whole forward in one fused launch (scale, bias and
     activation fused around the GEMMs; hidden pre-activations kept for the backward) and the
     backward in two (data gradients; per-member weight/bias/scale reductions), reading the
-    parameters in place. Inputs must be float32 (float64 also works).
+    parameters in place. When that fused grid (16 rows per program) would leave SMs of the GPU
+    idle, the forward and the data gradients run one launch per layer instead, each layer's
+    columns split across programs (``fastrp.kernels.ensemble_mlp.split_layers``). Inputs must be
+    float32 (float64 also works).
+
+    Accuracy against a float64 reference (tested per output and gradient): ``"ieee"`` within 2x
+    the float32 torch reference's error; ``"tf32x3"`` within 2x the larger of that and the error
+    of the reference done in emulated 3xTF32; ``"tf32"`` within 2x the error of the reference with
+    matmul operands truncated to TF32 plus 2^-10 of the largest magnitude (about 1e-3 relative).
     """
     (E, widths, impl), biases, scales = _prepare(x, weights, biases, scales, activation, members, backend, precision)
     if eager_autograd(backend, impl, x):
