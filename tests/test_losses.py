@@ -293,6 +293,30 @@ def test_imagined_objective_matches_eq_11(H, alpha):
         _close(got, want)
 
 
+def test_generator_drives_the_noise_and_the_elites():
+    """With a generator the policy noise is drawn per sample ([B, act_dim]) from it: two runs
+    from the same seed agree, another seed differs; the returned metrics carry no graph."""
+    B, H = 5, 2  # B != obs_dim
+
+    class Elites(TableModel):
+        def sample_elites(self, batch_size, generator=None):
+            return torch.randint(E, (batch_size,), generator=generator)
+
+    s0 = torch.randn(B, OBS, generator=torch.Generator().manual_seed(21), dtype=DT)
+    policy, pred, critic = TablePolicy(B, H + 1), Elites(B, H), TwinCritic()
+
+    def run(seed):
+        loss, info = losses.imagined_objective(policy, pred, critic, s0, H, 0.9, 0.2, _never,
+                                               generator=torch.Generator().manual_seed(seed))
+        return loss, info
+
+    (a, info), (b, _), (c, _) = run(3), run(3), run(4)
+    _close(a, b)
+    assert not torch.equal(a, c)
+    assert all(not v.requires_grad for v in info.values())
+    assert policy.calls == 0  # every noise came from the generator, none from the table
+
+
 def test_horizon_zero_is_the_sac_actor_loss():
     B = 5
     s0 = torch.randn(B, OBS, generator=torch.Generator().manual_seed(6), dtype=DT)
