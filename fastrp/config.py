@@ -155,7 +155,7 @@ class Config:
     real_ratio: float = 0.05
     """Fraction of real transitions in a critic minibatch (the rest from the model buffer)."""
     horizon: int = 3
-    """H: model steps of the policy objective's unroll (paper 003 eq. 11; DDPPO's --H 4 is 3)."""
+    """H: model steps of the policy objective's unroll (paper 003 eq. 11; DDPPO's --H 4 is 3); 0 is SAC's actor loss on real states."""
     fd_k: int = 10
     """n: neighbours (directional derivatives) per point in the gradient-model loss."""
     fd_weight: float = 1.0
@@ -402,11 +402,11 @@ def resolve(overrides: Dict[str, object]) -> "Config":
 _POSITIVE = ["steps", "eval_every", "eval_episodes", "log_every", "checkpoint_every", "max_bad_intervals",
              "batch_size", "hidden_dim", "num_layers", "ensemble_size", "num_elites", "model_hidden_dim",
              "model_batch_size", "model_train_every", "model_max_epochs", "model_patience",
-             "rollout_batch_size", "rollout_min_len", "rollout_max_len", "model_retain_epochs", "horizon",
+             "rollout_batch_size", "rollout_min_len", "rollout_max_len", "model_retain_epochs",
              "fd_k", "fd_window", "fd_batch_size", "cpu_threads", "diag_states", "diag_batch", "diag_max_horizon",
              "diag_transitions", "diag_rollout_steps"]
 _NONNEG = ["warmup_steps", "seed", "policy_updates", "critic_updates", "model_num_layers", "model_max_steps",
-           "diag_every", "rollout_min_epoch", "rollout_max_epoch"]
+           "diag_every", "rollout_min_epoch", "rollout_max_epoch", "horizon"]
 # sizes beyond these cannot run on any machine fastrp targets (or overflow the RNG / index types)
 _UPPER = {"steps": 10 ** 9, "warmup_steps": 10 ** 9, "eval_every": 10 ** 9, "eval_episodes": 10_000,
           "log_every": 10 ** 9, "checkpoint_every": 10 ** 9, "max_bad_intervals": 10 ** 6, "batch_size": 1 << 20,

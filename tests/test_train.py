@@ -240,6 +240,7 @@ def test_diverged_model_fit_is_undone_counted_and_stops_the_run(tmp_path, monkey
     (["--run-name", "../x"], "--run-name: must be a plain directory name"),
     (["--run-name", "a/b"], "--run-name: must be a plain directory name"),
     (["--preset", "huge"], "invalid choice: 'huge'"),
+    (["--horizon", "-1"], "--horizon: must be >= 0"),
 ])
 def test_bad_cli_input(tmp_path, capsys, argv, message):
     assert train.main([*argv, "--logdir", str(tmp_path)]) == 2
