@@ -140,6 +140,8 @@ class Config:
     """Early stopping: epochs without a 1% holdout improvement before stopping."""
     model_spectral_norm: bool = False
     """Spectral normalization on all but the output layer of the model(s) (RP-PGM's placement)."""
+    model_target_norm: bool = False
+    """The model(s) predict standardised targets (per-output mean / std of the training rows, refit every model fit) instead of raw units (MBPO)."""
     rollout_batch_size: int = 10_000
     """Start states per model rollout (MBPO's model buffer)."""
     rollout_min_len: int = 1
@@ -485,7 +487,8 @@ def parse_args_with_sources(argv: Optional[Sequence[str]] = None) -> Tuple["Conf
 # Fields added after the first release, with the value that reproduces how runs without them
 # behaved (checkpoints of such runs hold a config without these keys).
 _LEGACY_DEFAULTS: Dict[str, object] = {"obs_norm": False, "model_max_steps": 0, "diag_every": 0,
-                                       "checkpoint_minutes": 0.0, "policy_sn_layers": "hidden", "precision": "ieee"}
+                                       "checkpoint_minutes": 0.0, "policy_sn_layers": "hidden", "precision": "ieee",
+                                       "model_target_norm": False}
 # Fields that no longer exist (ignored when an old config is read): the trainer's fault-injection
 # flag moved into the tests.
 _REMOVED_FIELDS = ("fault_nan_at",)
@@ -494,7 +497,7 @@ _METADATA_KEYS = ("sources",)
 
 RESUME_FIXED = ("env", "algo", "seed", "preset", "obs_norm", "hidden_dim", "num_layers", "ensemble_size",
                 "num_elites", "model_hidden_dim", "model_num_layers", "policy_spectral_norm", "model_spectral_norm",
-                "policy_sn_layers")
+                "policy_sn_layers", "model_target_norm")
 """Fields a resumed run cannot change: they decide which networks the checkpoint holds."""
 
 

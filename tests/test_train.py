@@ -64,9 +64,9 @@ def test_algorithm_runs_and_writes_metrics(tmp_path, algo):
     assert not os.path.exists(str(run_dir / CHECKPOINT_NAME) + ".tmp")
 
 
-@pytest.mark.parametrize("algo", ["sac", "ddppo-sn"])
-def test_resume_equals_uninterrupted_run(tmp_path, algo):
-    args = ["--algo", algo, "--seed", "3"]
+@pytest.mark.parametrize("algo, extra", [("sac", []), ("ddppo-sn", []), ("ddppo-sn", ["--model-target-norm", "true"])])
+def test_resume_equals_uninterrupted_run(tmp_path, algo, extra):
+    args = ["--algo", algo, "--seed", "3", *extra]
     assert run_main(tmp_path, *args, "--steps", "200", "--run-name", "full") == 0
     assert run_main(tmp_path, *args, "--steps", "100", "--run-name", "half") == 0
     assert train.main(["--resume", str(tmp_path / "half"), "--steps", "200", "--progress", "false"]) == 0

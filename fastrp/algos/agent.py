@@ -47,12 +47,12 @@ def rollout_length(cfg, step: int) -> int:
 
 def make_model(cfg, obs_dim: int, act_dim: int, device: torch.device) -> ProbabilisticEnsemble:
     """The config's ensemble: ``ensemble_size`` members, ``model_num_layers`` x ``model_hidden_dim``
-    SiLU, spectral norm on all but the output layer when ``model_spectral_norm``, matmuls in
-    ``precision``."""
+    SiLU, spectral norm on all but the output layer when ``model_spectral_norm``, standardised
+    targets when ``model_target_norm``, matmuls in ``precision``."""
     return ProbabilisticEnsemble(obs_dim, act_dim, cfg.model_hidden_dim, cfg.model_num_layers, cfg.ensemble_size,
                                  cfg.num_elites, activation="silu",
                                  spectral_norm="hidden" if cfg.model_spectral_norm else "none",
-                                 precision=cfg.precision).to(device)
+                                 precision=cfg.precision, normalize_targets=cfg.model_target_norm).to(device)
 
 
 class Agent:

@@ -294,6 +294,9 @@ def fd_gradient_loss(
                  device=inputs.device, what=f"[Q, n, out={model.out_dim}] like directions")
     norm = model.input_normalizer
     _, jy = model.net.forward_jvp(norm.normalize(inputs), norm.scale(directions))
-    residual = jy[..., : model.out_dim] - deltas
+    jy = jy[..., : model.out_dim]
+    if getattr(model, "normalize_targets", False):  # the network's mean head is standardised: raw units
+        jy = jy * model.target_std.to(jy.dtype)
+    residual = jy - deltas
     per = residual.square().flatten(1).mean(dim=1)
     return per if per_member else per.mean()

@@ -87,6 +87,14 @@ class ProbabilisticEnsemble(nn.Module):
         learn_reward: predict the reward as the last target column.
         logvar_bound_coef: coefficient of ``sum(max_logvar) - sum(min_logvar)`` (0.01).
         input_eps: floor of the input normaliser's std.
+        normalize_targets: the network predicts standardised targets ``(y - mu_y) / sigma_y`` (per
+            output, statistics of the training rows, set by the fitter at every fit like the input
+            normaliser); :meth:`forward` maps mean and log-variance back to raw target units, so
+            the NLL, ``predict`` and the gradient loss keep their meaning (the Gaussian NLL differs
+            only by the constant ``sum log sigma_y``). The log-variance bounds then act in
+            standardised units. Without it the mean head is in raw units (MBPO), which a network
+            reaches only slowly when targets have large scales - a spectrally normalised one
+            (hidden layers Lipschitz <= 1) hardly at all within a capped refit.
         backend: forwarded to the fastrp ops.
         precision: matmul input precision of the fused ops, ``"ieee"`` (default), ``"tf32"`` or
             ``"tf32x3"`` (see :class:`fastrp.nn.EnsembleMLP`; no effect on CPU): the forward and
@@ -113,6 +121,7 @@ class ProbabilisticEnsemble(nn.Module):
         input_eps: float = 1e-6,
         backend: Optional[str] = None,
         precision: str = "ieee",
+        normalize_targets: bool = False,
     ) -> None:
         super().__init__()
         int_at_least("obs_dim", obs_dim, 1)
@@ -134,6 +143,10 @@ class ProbabilisticEnsemble(nn.Module):
         self.max_logvar = nn.Parameter(torch.full((self.out_dim,), 0.5))
         self.min_logvar = nn.Parameter(torch.full((self.out_dim,), -10.0))
         self.input_normalizer = RunningNormalizer(self.in_dim, eps=input_eps)
+        self.normalize_targets = bool(normalize_targets)
+        if self.normalize_targets:  # only then: checkpoints of raw-unit models keep their keys
+            self.register_buffer("target_mean", torch.zeros(self.out_dim))
+            self.register_buffer("target_std", torch.ones(self.out_dim))
         self.register_buffer("elite_idx", torch.arange(num_elites, dtype=torch.int64))
         self.register_buffer("holdout_mse", torch.full((ensemble_size,), math.inf))
 
@@ -155,7 +168,24 @@ class ProbabilisticEnsemble(nn.Module):
 
     def _split(self, out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         mean, raw = out.split(self.out_dim, dim=-1)
-        return mean, soft_bound_logvar(raw, self.min_logvar.to(raw.dtype), self.max_logvar.to(raw.dtype))
+        logvar = soft_bound_logvar(raw, self.min_logvar.to(raw.dtype), self.max_logvar.to(raw.dtype))
+        if self.normalize_targets:
+            std = self.target_std.to(raw.dtype)
+            mean = mean * std + self.target_mean.to(raw.dtype)
+            logvar = logvar + 2.0 * std.log()
+        return mean, logvar
+
+    @torch.no_grad()
+    def fit_target_statistics(self, targets: torch.Tensor) -> None:
+        """Standardisation of the targets (``normalize_targets``): mean and std (population,
+        floored at 1e-6; 1 for a single row) of ``targets[N, out]``, the fit's training rows."""
+        if not self.normalize_targets:
+            return
+        self.target_mean.copy_(targets.mean(dim=0))
+        if targets.shape[0] > 1:
+            self.target_std.copy_(targets.std(dim=0, unbiased=False).clamp_min(1e-6))
+        else:
+            self.target_std.fill_(1.0)
 
     def forward(self, x: torch.Tensor, members: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Gaussian over the target for raw inputs ``x = [obs, act]``.

@@ -161,8 +161,8 @@ class ModelFitter:
 
         1. random holdout split of ``min(int(N * holdout_ratio), max_holdout)`` rows (none when
            that is 0: holdout scores are then taken on the training rows);
-        2. the model's input normaliser is reset and fit on the training rows (then
-           ``extra_term.prepare`` sees the whole data);
+        2. the model's input normaliser (and, with ``normalize_targets``, its target statistics) is
+           refit on the training rows (then ``extra_term.prepare`` sees the whole data);
         3. each member trains on its own bootstrap resample of the training rows (plain copies
            when ``bootstrap=False``), reshuffled every epoch, in minibatches of ``batch_size``
            rows per member; loss per step = :func:`fastrp.algos.losses.model_nll_loss`
@@ -217,6 +217,7 @@ class ModelFitter:
             x_hold, y_hold = (inputs[perm[:num_hold]], targets[perm[:num_hold]]) if num_hold else (x_train, y_train)
             model.input_normalizer.reset()
             model.input_normalizer.update(x_train)
+            model.fit_target_statistics(y_train)
             if bootstrap:
                 rows = torch.randint(num_train, (E, num_train), generator=generator, device=dev)
             else:
