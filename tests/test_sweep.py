@@ -374,3 +374,23 @@ def test_diverged_trial_is_a_result_not_retried(tmp_path, ray_address):
     rows = {r["critic_lr"]: r for r in _summary(sweep_dir)}
     assert (rows["0.0003"]["finished"], rows["1e+30"]["finished"]) == ("1", "0")
     assert int(rows["0.0003"]["env_steps"]) == 300 and int(rows["1e+30"]["env_steps"]) < 300
+
+
+def test_progress_line_counts_trials_tune_has_not_created_yet():
+    """With --max-concurrent, Tune creates grid trials only as slots free up: the progress line
+    must still count every trial of the grid (as pending) and its env steps."""
+    from types import SimpleNamespace
+
+    from fastrp.sweep.ray_tune import ProgressLine
+
+    grid = {f"seed={i}": 1000 for i in range(5)}
+
+    def trial(name, status, result):
+        return SimpleNamespace(config={"trial": {"name": name, "steps": 1000, "env": "Hopper"}},
+                               status=status, last_result=result)
+
+    created = [trial("seed=0", "TERMINATED", {"exit_code": 0, "env_steps": 1000, "best_eval": 12.5}),
+               trial("seed=1", "RUNNING", {"env_steps": 400, "best_eval": 3.0})]
+    line = ProgressLine(grid).line(created)
+    assert line.startswith("sweep: 1/5 done, 1 running, 0 failed, 3 pending | best eval 12.5 (seed=0) | "
+                           "1400/5000 env steps | ETA ")

@@ -167,10 +167,12 @@ class ProgressLine(tune.Callback):
     """One status line on stderr: trials done / running / failed / pending, the best eval
     return so far (per env), env steps and an ETA from the env-step rate of this command.
     Rewritten in place on a terminal; otherwise printed when a count changes and every
-    ``every`` seconds."""
+    ``every`` seconds. ``grid`` maps every trial's name to its env steps: with
+    ``--max-concurrent``, Tune creates trials only as slots free up, so the ones it has not
+    created yet are counted here as pending."""
 
-    def __init__(self, every: float = 30.0):
-        self.every = every
+    def __init__(self, grid: Dict[str, int], every: float = 30.0):
+        self.grid, self.every = dict(grid), every
         self.setup()
 
     def setup(self, **info):
@@ -182,6 +184,11 @@ class ProgressLine(tune.Callback):
         counts = {"done": 0, "running": 0, "failed": 0, "pending": 0}
         best: Dict[str, tuple] = {}
         done_steps = total_steps = gained = 0
+        created = {_trial_name(trial) for trial in trials}
+        for name, steps in self.grid.items():
+            if name not in created:  # not created by Tune yet
+                counts["pending"] += 1
+                total_steps += int(steps)
         for trial in trials:
             info, result = trial.config["trial"], trial.last_result or {}
             steps = int(result.get("env_steps", 0))
@@ -209,7 +216,7 @@ class ProgressLine(tune.Callback):
         rate = gained / elapsed if elapsed > 0 else 0.0
         eta = (total_steps - done_steps) / rate if rate > 0 else (0.0 if done_steps >= total_steps else math.inf)
         self.counts = counts
-        return (f"sweep: {counts['done']}/{len(trials)} done, {counts['running']} running, {counts['failed']} "
+        return (f"sweep: {counts['done']}/{len(created | set(self.grid))} done, {counts['running']} running, {counts['failed']} "
                 f"failed, {counts['pending']} pending | {best_text} | {done_steps}/{total_steps} env steps | "
                 f"ETA {duration(eta)}")
 
@@ -297,7 +304,7 @@ def run_sweep(spec: Dict[str, object], sweep_dir: str, resume: bool) -> Dict[str
                 tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent or None,
                                             trial_name_creator=_name_creator, trial_dirname_creator=_name_creator),
                 run_config=tune.RunConfig(name=TUNE_NAME, storage_path=state_dir(sweep_dir), verbose=0,
-                                          callbacks=[ProgressLine()],
+                                          callbacks=[ProgressLine({t.name: t.steps for t in trials})],
                                           failure_config=tune.FailureConfig(max_failures=max_retries)))
         tuner.fit()
     finally:
