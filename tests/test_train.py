@@ -341,10 +341,13 @@ def test_sources_say_where_each_value_came_from():
     assert src["gamma"] == "flag" and cfg.gamma == 0.98
     assert src["policy_updates"] == "size cpu (InvertedPendulum)" and cfg.policy_updates == 1
     assert src["warmup_steps"] == "size cpu (InvertedPendulum)"
-    assert src["horizon"] == "env InvertedPendulum" and src["batch_size"] == "default"
+    assert src["horizon"] == "size cpu (InvertedPendulum)" and src["batch_size"] == "default"
     assert src["preset"] == "flag"
     cfg, src = parse_args_with_sources(["--env", "Hopper", "--algo", "sac", "--preset", "cpu"])
     assert src["hidden_dim"] == "size cpu (sac)" and cfg.hidden_dim == 256 and src["steps"] == "size cpu"
+    cfg, src = parse_args_with_sources(["--env", "HalfCheetah", "--preset", "cpu"])  # the CPU default's fixes
+    assert (cfg.horizon, src["horizon"], cfg.model_target_norm) == (1, "size cpu", True)
+    assert parse_args(["--env", "HalfCheetah", "--preset", "paper"]).horizon == 3  # the paper's value stays
     cfg, src = parse_args_with_sources(["--env", "Hopper", "--preset", "paper"])
     assert src["policy_updates"] == "algo ddppo-sn" and src["steps"] == "env Hopper"
     cfg, src = parse_args_with_sources(["--device", "cpu"])  # auto picks the CPU sizes off CUDA
@@ -357,7 +360,7 @@ def test_cpu_preset_keeps_the_tuned_inverted_pendulum_settings():
     """The InvertedPendulum values tuned on CPU (they used to sit in the env preset) are the cpu
     preset's InvertedPendulum entry: the resolved config of that run is unchanged."""
     cfg = parse_args(["--env", "InvertedPendulum", "--preset", "cpu"])
-    expected = dict(steps=10_000, warmup_steps=200, horizon=3, fd_k=10, fd_weight=10.0, eval_every=1000,
+    expected = dict(steps=10_000, warmup_steps=200, horizon=3, model_target_norm=False, fd_k=10, fd_weight=10.0, eval_every=1000,
                     eval_episodes=5, hidden_dim=64, model_hidden_dim=64, model_num_layers=3, policy_updates=1,
                     critic_updates=4, model_train_every=250, model_max_epochs=30, model_max_steps=200,
                     fd_batch_size=64, real_ratio=0.5, rollout_batch_size=10_000, tau=0.01, actor_lr=3e-4,
