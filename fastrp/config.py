@@ -239,6 +239,9 @@ SIZE_PRESETS: Dict[str, Dict[str, Dict[str, object]]] = {
                  model_max_steps=400, fd_batch_size=64, fd_k=10, real_ratio=1.0, rollout_batch_size=1000,
                  eval_every=2000, eval_episodes=3, horizon=1, model_target_norm=True),
         "sac": dict(hidden_dim=256, policy_updates=1, critic_updates=1, actor_lr=3e-4),
+        # MBPO's only use of its model is the critic's (and policy's) data: half of each batch
+        # from model rollouts (with the real-only mix above, mbpo would be SAC)
+        "mbpo": dict(real_ratio=0.5),
         # 64-wide networks, 3 x 64 models, 1 policy + 4 critic updates per step with 1e-3 critic /
         # temperature learning rates, a faster target (tau 0.01) and a low initial temperature;
         # policy learning rate 3e-4 (1e-3 reached 1000 as fast but kept falling back); model

@@ -557,3 +557,27 @@ def test_policy_sn_placement():
     assert "policy_sn_layers" in RESUME_FIXED
     with pytest.raises(CliError, match="invalid choice: 'some'"):
         parse_args(["--policy-sn-layers", "some"])
+
+
+@pytest.mark.parametrize("preset", ["paper", "cpu", "tiny"])
+@pytest.mark.parametrize("env", ["InvertedPendulum", "Hopper", "HalfCheetah"])
+def test_mbpo_presets_feed_model_rollouts_to_the_critic(preset, env):
+    """MBPO uses its model only for data: a preset that made every critic row real would turn
+    mbpo into SAC (the cpu preset's real-only mix once did)."""
+    assert parse_args(["--env", env, "--algo", "mbpo", "--preset", preset]).real_ratio < 1
+
+
+@pytest.mark.parametrize("real_ratio,made", [(1.0, False), (0.5, True)])
+def test_model_rollouts_are_made_only_when_something_reads_them(real_ratio, made):
+    from fastrp.algos import SPECS
+    from fastrp.algos.agent import Agent
+
+    torch.manual_seed(0)
+    cfg = parse_args(["--env", "Hopper", "--algo", "mbpo", "--preset", "tiny", "--real-ratio", str(real_ratio)])
+    never_done = lambda obs, act, next_obs: torch.zeros(obs.shape[0], dtype=torch.bool)  # noqa: E731
+    agent = Agent(cfg, 11, 3, [-1.0] * 3, [1.0] * 3, torch.device("cpu"), never_done, spec=SPECS["mbpo"])
+    buffer = ReplayBuffer(11, 3, 64, torch.device("cpu"))
+    buffer.add(torch.randn(64, 11), torch.rand(64, 3) * 2 - 1, torch.randn(64), torch.randn(64, 11),
+               torch.zeros(64, dtype=torch.bool))
+    stats = agent.generate_rollouts(buffer, step=1000)
+    assert (len(agent.model_buffer) > 0) == made and ("rollout_len" in stats) == made

@@ -150,8 +150,9 @@ class Agent:
     def generate_rollouts(self, buffer: ReplayBuffer, step: int) -> Dict[str, float]:
         """MBPO's branched rollouts: the current policy from ``rollout_batch_size`` real states for
         the scheduled length through the prediction model (one random elite per sample), into the
-        model buffer. Rows with non-finite values are dropped and counted."""
-        if self.model_buffer is None:
+        model buffer. Rows with non-finite values are dropped and counted. With ``real_ratio`` 1
+        every critic and policy row is real, nothing would read the rollouts, and none are made."""
+        if self.model_buffer is None or self.cfg.real_ratio >= 1.0:
             return {}
         cfg = self.cfg
         length = rollout_length(cfg, step)
