@@ -510,6 +510,9 @@ def banner(cfg: Config, sources: Dict[str, str], run_dir: str, device: torch.dev
     if cfg.preset == "paper" and device.type == "cpu":
         lines.append("  note: the paper preset is sized for a GPU; on a CPU the model-based algorithms take about "
                      "1-2 s per env step (--preset cpu is sized for a CPU)")
+    if sources.get("horizon") == "size cpu" and algos.SPECS[cfg.algo].policy_objective == "imagined":
+        lines.append(f"  policy unroll H = {cfg.horizon} (cpu preset: through more steps of the CPU-sized models the "
+                     "policy gradient was nearly uncorrelated with the true one; --horizon N sets it)")
     warm = f"{cfg.warmup_steps} random warm-up steps"
     lines.append(f"  {cfg.steps} env steps ({warm}), eval every {cfg.eval_every}, checkpoint every "
                  f"{cfg.checkpoint_every} steps" + (f" and {cfg.checkpoint_minutes:g} min" if cfg.checkpoint_minutes else ""))

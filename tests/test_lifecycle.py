@@ -274,6 +274,19 @@ def test_auto_preset_banner_on_cpu(tmp_path, capsys):
     assert json.loads((tmp_path / "r" / "config.json").read_text())["sources"]["preset"] == "auto: no CUDA device"
 
 
+def test_banner_says_why_the_cpu_preset_unrolls_one_step():
+    from fastrp.config import parse_args_with_sources
+
+    cpu = torch.device("cpu")
+    cfg, src = parse_args_with_sources(["--env", "HalfCheetah", "--preset", "cpu"])
+    assert "policy unroll H = 1 (cpu preset" in train.banner(cfg, src, "runs/x", cpu, None)
+    for argv in (["--env", "HalfCheetah", "--preset", "cpu", "--horizon", "2"],  # the user's own H
+                 ["--env", "HalfCheetah", "--preset", "cpu", "--algo", "sac"],  # no unroll
+                 ["--env", "HalfCheetah", "--preset", "paper"]):
+        cfg, src = parse_args_with_sources(argv)
+        assert "policy unroll" not in train.banner(cfg, src, "runs/x", cpu, None)
+
+
 def test_eta_uses_the_rate_after_warmup_and_counts_refits():
     p = Progress(total_steps=1100, warmup_steps=100, enabled=False, refit_every=250)
     for step in range(1, 100):
