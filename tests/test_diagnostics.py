@@ -19,7 +19,7 @@ from fastrp.diagnostics import (DIAG_CSV, Settings, collect_transitions, ensembl
                                 frozen_modules, gradient_covariance_trace, input_jacobians, jacobian_errors,
                                 jacobian_rows, load_run, rp_gradient_stats, rp_gradient_variance,
                                 TrainingDiagnostics, variance_rows)
-from fastrp.diagnostics.run import RunError, measurement_device, read_config, trained_device
+from fastrp.diagnostics.run import RunError, load_run, measurement_device, read_config, trained_device
 from fastrp.diagnostics import __main__ as cli_mod
 from fastrp.diagnostics import run as run_mod
 from fastrp.diagnostics.__main__ import CLI_COLUMNS, CLI_CSV
@@ -646,6 +646,11 @@ def test_old_checkpoints_load_with_their_old_behaviour(runs, tmp_path):
     (["variance", "{root}/sn", "--csv", "{root}/sn/metrics.csv"], "--csv:"),
     (["variance", "{root}/sn", "--max-horizon", "x"], "invalid int value: 'x'"),
     (["gradients", "{root}/sn"], "invalid choice: 'gradients'"),
+    (["bias", "{root}/sac"], "bias needs maac, rp-sn, ddppo or ddppo-sn"),
+    (["bias", "{root}/sn", "--horizons", "1,x"], "--horizons: expected comma-separated ints >= 0"),
+    (["bias", "{root}/sn", "--horizons", "-1"], "--horizons: expected comma-separated ints >= 0"),
+    (["bias", "{root}/sn", "--states", "0"], "--states: must be in [1, 65536]"),
+    (["bias", "{root}/sn", "--policy-steps", "990", "--horizons", "10"], "must be < the task's time limit 1000"),
     ([], "the following arguments are required"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(runs, capsys, argv, message):
@@ -687,3 +692,63 @@ def test_unreadable_or_foreign_checkpoints_exit_2(runs, tmp_path, capsys):
     assert diag_main(["variance", str(tmp_path / "foreign")]) == 2
     err = capsys.readouterr().err
     assert "does not match this fastrp's maac agent" in err and err.count("\n") == 1
+
+
+def test_bias_passes_are_the_objective_through_the_model_and_through_mujoco(runs):
+    """imagined_vs_real against the objective written out here: warm-up steps of the policy from a
+    seeded reset, then eq. 11 with MuJoCo's own rewards and termination flags (real pass) and
+    with imagined_objective through the prediction model (model pass), the same noise in both."""
+    from fastrp.algos.losses import imagined_objective
+    from fastrp.diagnostics.bias import imagined_vs_real
+
+    run = load_run(str(runs / "sn"), "cpu")
+    agent, cfg, n, horizon, warm, seed = run.agent, run.cfg, 6, 3, 7, 11
+    out = imagined_vs_real(agent, make(cfg.env, n, seed=5), horizon, seed, warmup_steps=warm)
+
+    env = make(cfg.env, n, seed=5)
+    env.reset(seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    agent.policy.eval(), agent.critic.eval(), agent.model.eval()  # as in training's policy step
+    with torch.no_grad():
+        for _ in range(warm):
+            obs = torch.as_tensor(env.obs, dtype=torch.float32)
+            action, _ = agent.policy(obs, noise=torch.randn(n, agent.act_dim, generator=gen))
+            env.step(action.numpy().astype(np.float64))
+        start = torch.as_tensor(env.obs, dtype=torch.float32)
+        pass_seed = int(torch.randint(2 ** 62, (1,), generator=gen))
+        g = torch.Generator().manual_seed(pass_seed)
+        obs, alive, total, alpha = start, torch.ones(n), torch.zeros(n), agent.alpha
+        for t in range(horizon):
+            action, logp = agent.policy(obs, noise=torch.randn(n, agent.act_dim, generator=g))
+            torch.randint(agent.model.num_elites, (n,), generator=g)  # the model pass's elite draw
+            tr = env.step_transition(action.numpy().astype(np.float64))
+            total += cfg.gamma ** t * alive * (torch.as_tensor(tr.reward, dtype=torch.float32) - alpha * logp)
+            alive = alive * torch.as_tensor(~tr.terminated, dtype=torch.float32)
+            obs = torch.as_tensor(tr.next_obs, dtype=torch.float32)
+        action, logp = agent.policy(obs, noise=torch.randn(n, agent.act_dim, generator=g))
+        total += cfg.gamma ** horizon * alive * (agent.critic.min_q(obs, action) - alpha * logp)
+        _, info = imagined_objective(agent.policy, agent.model, agent.critic, start, horizon, cfg.gamma, alpha,
+                                     agent.termination, generator=torch.Generator().manual_seed(pass_seed))
+    assert out["real_return"] == pytest.approx(float(total.mean()), rel=1e-5)
+    assert out["real_alive"] == pytest.approx(float(alive.mean()))
+    assert out["model_return"] == pytest.approx(float(info["return"]), rel=1e-6)
+    model_j = info["return_per_sample"].double()
+    assert out["rms_error"] == pytest.approx(float((model_j - total.double()).square().mean().sqrt()), rel=1e-5)
+    assert out["correlation"] == pytest.approx(float(np.corrcoef(model_j.numpy(), total.double().numpy())[0, 1]),
+                                               rel=1e-5)
+    # H = 0: both passes are Q(s_0, a_0) - alpha logp_0 with the same noise
+    zero = imagined_vs_real(agent, make(cfg.env, n, seed=5), 0, seed, warmup_steps=warm)
+    assert zero["model_return"] == zero["real_return"] and zero["rms_error"] == 0.0
+
+
+def test_cli_bias(runs, tmp_path, capsys):
+    from fastrp.diagnostics.__main__ import BIAS_COLUMNS
+
+    path = tmp_path / "bias.csv"
+    assert diag_main(["bias", str(runs / "maac"), "--horizons", "0,2", "--states", "4", "--policy-steps", "5",
+                      "--csv", str(path)]) == 0
+    rows = _rows(path)
+    assert list(rows[0]) == BIAS_COLUMNS and [int(r["horizon"]) for r in rows] == [0, 2]
+    assert rows[0]["algo"] == "maac" and rows[0]["env_steps"] == "100" and rows[0]["states"] == "4"
+    assert float(rows[0]["rms_error"]) == 0.0 and rows[0]["model_return"] == rows[0]["real_return"]
+    assert "rows appended to" in capsys.readouterr().out

@@ -169,7 +169,8 @@ def imagined_objective(
 
     Returns:
         ``(loss, info)``: ``loss = -mean_b J`` (scalar, differentiable); ``info`` (detached 0-d
-        tensors): ``"return"`` (mean J), ``"model_reward"`` (mean discounted, masked reward sum
+        tensors but one): ``"return"`` (mean J), ``"return_per_sample"`` (``J``, ``[B]``),
+        ``"model_reward"`` (mean discounted, masked reward sum
         without the entropy terms), ``"terminal_value"`` (mean ``gamma^H alive_H min Q``),
         ``"alive"`` (mean ``alive_H``), ``"entropy"`` (mean ``-logp`` over the ``H + 1`` policy
         samples), ``"entropy_term"`` (mean discounted, masked ``-alpha logp`` sum).
@@ -221,6 +222,7 @@ def imagined_objective(
     neg_logp = neg_logp - logp.detach()
     info = {
         "return": total.detach().mean(),
+        "return_per_sample": total.detach(),
         "model_reward": reward_sum.mean(),
         "terminal_value": (weight * q).detach().mean(),
         "alive": alive.mean(),

@@ -14,6 +14,13 @@
     like ``variance`` and plots the run's training-time ``diagnostics.csv`` jacobian rows against
     env steps with the checkpoint's point added (``--out``, default ``<run_dir>/jacobian.png``).
 
+``bias RUN_DIR``
+    The model's bias in the imagined objective (maac, rp-sn, ddppo, ddppo-sn): the H-step value
+    the policy maximises through the prediction model against the same value through MuJoCo, from
+    ``--states`` on-policy states of fresh copies of the task with the same policy noise
+    (:mod:`fastrp.diagnostics.bias`), for each H of ``--horizons``. Prints a table and appends the
+    rows to ``<run_dir>/model_bias.csv`` (or ``--csv PATH``).
+
 Sizes default to the run's ``diag_*`` config, the generators to the seeds the training hook
 uses at the checkpoint's step, the device to the one the run trained on (its config's
 ``device``; for ``auto``, cuda when the checkpoint's RNG state shows CUDA was in use, else cpu;
@@ -50,9 +57,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from fastrp.config import Config
-from fastrp.diagnostics.run import (COLUMNS, DIAG_CSV, JACOBIAN_ALGOS, VARIANCE_ALGOS, LoadedRun, RunError, Settings,
-                                    append_rows, jacobian_rows, load_run, measurement_device, read_config, read_rows,
-                                    supports_jacobian, supports_variance, variance_rows)
+from fastrp.diagnostics.run import (BIAS_STREAM, COLUMNS, DIAG_CSV, JACOBIAN_ALGOS, VARIANCE_ALGOS, LoadedRun, RunError,
+                                    Settings, append_rows, diag_seed, jacobian_rows, load_run, measurement_device,
+                                    read_config, read_rows, supports_jacobian, supports_variance, variance_rows)
 
 CLI_CSV = "diagnostics_cli.csv"
 """Default CSV (inside each run directory) of the command line's rows."""
@@ -61,6 +68,14 @@ CLI_COLUMNS = ["run_dir", "env", "algo", "seed"] + COLUMNS
 """Columns of the command line's CSV: the run, then :data:`fastrp.diagnostics.run.COLUMNS`."""
 
 PROG = "python -m fastrp.diagnostics"
+
+BIAS_CSV = "model_bias.csv"
+"""Default CSV (inside the run directory) of ``bias`` rows."""
+
+BIAS_COLUMNS = ["run_dir", "env", "algo", "seed", "env_steps", "horizon", "model_return", "real_return", "model_reward",
+                "real_reward", "model_terminal", "real_terminal", "model_alive", "real_alive", "rms_error",
+                "real_spread", "correlation", "states"]
+"""Columns of ``model_bias.csv`` (see :func:`fastrp.diagnostics.bias.imagined_vs_real`)."""
 
 REPRODUCE = ("With the defaults (the run's sizes, seed, device type and cpu_threads) the rows reproduce the "
              "training-time diagnostics.csv rows of the checkpoint's step, when that step had a diagnostics pass and "
@@ -78,7 +93,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, allow_abbrev=False,
                      description="Gradient diagnostics of fastrp runs (papers 000 and 003).", epilog=REPRODUCE)
-    sub = parser.add_subparsers(dest="command", metavar="{variance,jacobian}")
+    sub = parser.add_subparsers(dest="command", metavar="{variance,jacobian,bias}")
     sub.required = True
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -120,6 +135,25 @@ def build_parser() -> argparse.ArgumentParser:
     jac.add_argument("--rollout-steps", type=int, default=None,
                      help="length of the fresh rollouts they are drawn from (default: diag_rollout_steps)")
     common(jac)
+
+    bias = sub.add_parser("bias", allow_abbrev=False,
+                          help="model bias of the imagined objective against the same objective through MuJoCo",
+                          description="The H-step value the policy maximises (paper 003 eq. 11), through the "
+                                      "prediction model and through the simulator, from the same on-policy states "
+                                      "with the same policy noise: means, their per-state RMS difference and "
+                                      "correlation, for each H.")
+    bias.add_argument("run_dir", metavar="RUN_DIR")
+    bias.add_argument("--horizons", default="0,1,2,3,5,10",
+                      help="comma-separated unroll lengths H >= 0 (default 0,1,2,3,5,10; at H = 0 both values are "
+                           "equal by construction)")
+    bias.add_argument("--states", type=int, default=256, help="start states = parallel copies of the task (default 256)")
+    bias.add_argument("--policy-steps", type=int, default=100,
+                      help="steps of the current policy before the start states are taken (default 100)")
+    bias.add_argument("--seed", type=int, default=None,
+                      help="seed of the env copies and the noise (default: from the run's seed and step)")
+    bias.add_argument("--device", default=None, help="torch device to measure on (default: the run's)")
+    bias.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the run's cpu_threads)")
+    bias.add_argument("--csv", default=None, help=f"append the rows to this CSV (default: <run_dir>/{BIAS_CSV})")
     return parser
 
 
@@ -244,6 +278,59 @@ def cmd_jacobian(args: argparse.Namespace) -> int:
     return 0
 
 
+def _horizons(text: str) -> List[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip() != ""]
+    except ValueError:
+        values = []
+    if not values or min(values) < 0:
+        raise RunError(f"--horizons: expected comma-separated ints >= 0, got {text!r}")
+    return values
+
+
+def cmd_bias(args: argparse.Namespace) -> int:
+    from fastrp.diagnostics.bias import imagined_vs_real
+    from fastrp.envs import make
+
+    horizons = _horizons(args.horizons)
+    for name in ("states", "policy_steps"):
+        value = getattr(args, name)
+        if value < (1 if name == "states" else 0) or value > 1 << 16:
+            low = 1 if name == "states" else 0
+            raise RunError(f"--{name.replace('_', '-')}: must be in [{low}, 65536], got {value}")
+    cfg = read_config(args.run_dir)
+    if cfg.algo not in VARIANCE_ALGOS:
+        raise RunError(f"algorithm {cfg.algo!r} has no model-based policy objective; bias needs maac, rp-sn, ddppo "
+                       f"or ddppo-sn")
+    run = load_run(args.run_dir, args.device)
+    _prepare(run, args)
+    seed = diag_seed(run.cfg.seed if args.seed is None else args.seed, run.step, BIAS_STREAM) % (2 ** 31)
+    env = make(run.cfg.env, args.states, seed=seed, num_threads=1)
+    rows = []
+    try:
+        limit = env.max_episode_steps
+        if limit is not None and args.policy_steps + max(horizons) >= limit:
+            raise RunError(f"--policy-steps + the largest of --horizons must be < the task's time limit {limit} (an "
+                           f"episode cut inside the window would restart the real pass), got "
+                           f"{args.policy_steps + max(horizons)}")
+        print(f"{'H':>4}{'model_return':>14}{'real_return':>13}{'rms_error':>11}{'real_spread':>13}{'correlation':>13}")
+        for h in horizons:
+            values = imagined_vs_real(run.agent, env, h, seed, warmup_steps=args.policy_steps)
+            rows.append({"run_dir": run.run_dir, "env": run.cfg.env, "algo": run.cfg.algo, "seed": run.cfg.seed,
+                         "env_steps": run.step, "horizon": h, **values})
+            print(f"{h:>4}{_fmt(values['model_return'], 14)}{_fmt(values['real_return'], 13)}"
+                  f"{_fmt(values['rms_error'], 11)}{_fmt(values['real_spread'], 13)}{_fmt(values['correlation'], 13)}")
+    finally:
+        env.close()
+    path = args.csv or os.path.join(run.run_dir, BIAS_CSV)
+    try:
+        append_rows(path, rows, BIAS_COLUMNS)
+    except (ValueError, OSError) as err:
+        raise RunError(f"--csv: {err}") from None
+    print(f"rows appended to {path}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point; returns the exit code (0 done, 2 bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -253,7 +340,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise RunError(f"--threads: must be >= 1, got {args.threads}")
         if args.device is not None:
             measurement_device("cpu", args.device)  # a bad or unavailable --device fails before any run is read
-        return cmd_variance(args) if args.command == "variance" else cmd_jacobian(args)
+        return {"variance": cmd_variance, "jacobian": cmd_jacobian, "bias": cmd_bias}[args.command](args)
     except RunError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2

@@ -72,7 +72,7 @@ VARIANCE_ALGOS = ("maac", "rp-sn", "ddppo", "ddppo-sn")
 JACOBIAN_ALGOS = ("mbpo",) + VARIANCE_ALGOS
 """Algorithms with a learned dynamics model (the model gradient error diagnostic)."""
 
-VARIANCE_STREAM, POOL_STREAM, JACOBIAN_STREAM, LIPSCHITZ_STREAM = 1, 2, 3, 4
+VARIANCE_STREAM, POOL_STREAM, JACOBIAN_STREAM, LIPSCHITZ_STREAM, BIAS_STREAM = 1, 2, 3, 4, 5
 _SEED_TAG = 0xD1A6
 
 
