@@ -192,7 +192,7 @@ def test_objective_finite_with_real_termination_and_sn():
                                     generator=torch.Generator().manual_seed(0), deterministic_model=False)
     loss.backward()
     assert torch.isfinite(loss)
-    assert all(torch.isfinite(v) and not v.requires_grad for v in info.values())
+    assert all(torch.isfinite(v).all() and not v.requires_grad for v in info.values())
     assert 0.0 <= float(info["alive"]) <= 1.0
     for p in policy.parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all()
