@@ -216,7 +216,8 @@ class ProgressLine(tune.Callback):
         rate = gained / elapsed if elapsed > 0 else 0.0
         eta = (total_steps - done_steps) / rate if rate > 0 else (0.0 if done_steps >= total_steps else math.inf)
         self.counts = counts
-        return (f"sweep: {counts['done']}/{len(created | set(self.grid))} done, {counts['running']} running, {counts['failed']} "
+        every_trial = len(created | set(self.grid))
+        return (f"sweep: {counts['done']}/{every_trial} done, {counts['running']} running, {counts['failed']} "
                 f"failed, {counts['pending']} pending | {best_text} | {done_steps}/{total_steps} env steps | "
                 f"ETA {duration(eta)}")
 
