@@ -465,11 +465,16 @@ def test_model_nll_loss_matches_the_gaussian_likelihood():
 
 
 # ---- DDPPO's directional-derivative loss (paper 003 eq. 9-10) ----------------------------------
-def test_fd_gradient_loss_matches_jacobians_by_autograd():
+@pytest.mark.parametrize("normalize_targets", [False, True])
+def test_fd_gradient_loss_matches_jacobians_by_autograd(normalize_targets):
+    """The loss compares the raw-unit Jacobian of the model's mean (what forward returns) with the
+    finite differences: with standardised targets too (target std far from 1)."""
     model = ProbabilisticEnsemble(OBS, ACT, hidden_dim=8, num_layers=2, ensemble_size=E, num_elites=2,
-                                  spectral_norm="hidden").double().eval()
+                                  spectral_norm="hidden", normalize_targets=normalize_targets).double().eval()
     g = torch.Generator().manual_seed(15)
     model.input_normalizer.update(torch.randn(50, OBS + ACT, generator=g, dtype=DT) * 3 + 1)
+    model.fit_target_statistics(torch.randn(40, OBS + 1, generator=g, dtype=DT) * torch.linspace(0.2, 9.0, OBS + 1,
+                                                                                             dtype=DT) + 2.0)
     Q, n = 4, 3
     x = torch.randn(Q, OBS + ACT, generator=g, dtype=DT)
     directions = torch.randn(Q, n, OBS + ACT, generator=g, dtype=DT)

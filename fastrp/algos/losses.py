@@ -297,7 +297,7 @@ def fd_gradient_loss(
     norm = model.input_normalizer
     _, jy = model.net.forward_jvp(norm.normalize(inputs), norm.scale(directions))
     jy = jy[..., : model.out_dim]
-    if getattr(model, "normalize_targets", False):  # the network's mean head is standardised: raw units
+    if model.normalize_targets:  # the network's mean head is standardised: back to raw units
         jy = jy * model.target_std.to(jy.dtype)
     residual = jy - deltas
     per = residual.square().flatten(1).mean(dim=1)
