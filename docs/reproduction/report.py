@@ -121,6 +121,42 @@ def variance_tables(runs, horizons=(1, 5, 10, 20)):
     return "\n".join(lines)
 
 
+def growth_summary(runs, first_step=10_000, pairs=((1, 10), (1, 20)), level=20):
+    """One row per env and algo, pooled over every seed and every diagnostics step from
+    ``first_step`` on (robust to the heavy tails of single estimates): the median and interquartile
+    range of the variance's growth ``V(H_hi) / V(H_lo)`` (the same for ``trace_cov`` and
+    ``trace_cov_norm``, which only divides by the step's ``||theta||^2``) in parameter space and
+    with respect to the actions, and of the level at ``H = level`` of the two quantities that
+    compare across parameterisations (``trace_cov_norm``, ``action_trace_cov``)."""
+    def cell(values):
+        if not values:
+            return "-"
+        q1, med, q3 = np.percentile(values, [25, 50, 75])
+        return f"{med:.3g} [{q1:.2g}-{q3:.2g}]"
+
+    growth_cols = ("trace_cov", "action_trace_cov")
+    level_cols = ("trace_cov_norm", "action_trace_cov")
+    lines = [f"\nThe gradient variance against H, pooled over seeds and every diagnostics step from "
+             f"{first_step // 1000}k on: median [25th-75th percentile]:\n",
+             "| env | algo | measurements | " + " | ".join(f"`{c}` H{hi} / H{lo}" for c in growth_cols for lo, hi in pairs)
+             + " | " + " | ".join(f"`{c}` at H = {level}" for c in level_cols) + " |",
+             "|---|---|---|" + "---|" * (len(growth_cols) * len(pairs) + len(level_cols))]
+    for (env, label), rs in sorted(runs.items(), key=lambda kv: (kv[0][0], _key(kv[0][1]))):
+        cells, count = [], 0
+        for c in growth_cols:
+            per = [series(d, "variance", "prediction", c) for _, d, _ in rs]
+            for lo, hi in pairs:
+                ratios = [p[st][hi] / p[st][lo] for p in per for st in p
+                          if st >= first_step and hi in p[st] and lo in p[st]]
+                count = max(count, len(ratios))
+                cells.append(cell(ratios))
+        for c in level_cols:
+            per = [series(d, "variance", "prediction", c) for _, d, _ in rs]
+            cells.append(cell([p[st][level] for p in per for st in p if st >= first_step and level in p[st]]))
+        lines.append(f"| {env} | `{label}` | {count} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def lipschitz_table(runs, horizons=(1, 5, 10, 20)):
     lines = ["\nLipschitz constants: the product of the layers' spectral norms (model's mean head, policy's "
              "mean head), the spectral norm of one model step's Jacobian d s'/d[s, a], and of the closed-loop "
@@ -305,6 +341,7 @@ def main(argv=None):
         return 2
     runs = collect(args.run_dirs)
     rp = {k: v for k, v in runs.items() if not k[1].startswith("ddppo")}
+    print(growth_summary(rp))
     print(variance_tables(rp))
     print(lipschitz_table(rp))
     print(jacobian_table(runs))
