@@ -7,7 +7,8 @@ more than one value among the given runs of that env - except the fields that do
 is learned (:data:`NOT_GROUPED`: seed, run name, log dir, resume, steps, device, progress, the
 eval / log / checkpoint cadences and the diagnostics settings). A group is labelled by its algo
 plus those differing fields (``maac hidden_dim=64``), leaving out fields the algorithm presets set
-that only differ between algorithms (``rp-sn``'s spectral-norm flags next to ``maac``). Each
+that only differ between algorithms (``rp-sn``'s spectral-norm flags next to ``maac``, ``sac``'s own
+``cpu`` sizes next to the model-based algorithms'). Each
 group is drawn as the mean over its runs (seeds) with a +-1 std band. Rows are aligned on
 ``env_steps`` and only rows where the metric has a value are used (evaluations happen every
 ``eval_every`` steps); with ``--x wall_time`` a group's x is the mean wall time of its runs at
@@ -169,10 +170,15 @@ def _field_order() -> List[str]:
 
 
 def _algo_preset_fields() -> frozenset:
+    """Fields an algorithm's presets set: its ``ALGO_PRESETS`` entry and its entries in the size
+    presets (e.g. ``sac``'s own ``cpu`` sizes, ``mbpo``'s ``real_ratio``)."""
     try:
-        from fastrp.config import ALGO_PRESETS
+        from fastrp.config import ALGO_PRESETS, SIZE_PRESETS
 
-        return frozenset(k for layer in ALGO_PRESETS.values() for k in layer)
+        fields = {k for layer in ALGO_PRESETS.values() for k in layer}
+        fields.update(k for size in SIZE_PRESETS.values() for name, layer in size.items() if name in ALGO_PRESETS
+                      for k in layer)
+        return frozenset(fields)
     except Exception:
         return frozenset()
 
@@ -183,8 +189,8 @@ def group_labels(runs: Sequence[RunCurves]) -> List[Tuple[str, str]]:
     Per env: the fields (other than env, algo and :data:`NOT_GROUPED`) with more than one value
     among that env's runs split the runs; the label is the algo followed by ``field=value`` for
     each of those fields in config order, except fields the algorithm presets set
-    (``fastrp.config.ALGO_PRESETS``) that are constant within every algo (the algo already names
-    them). Runs with equal labels are averaged together.
+    (``fastrp.config.ALGO_PRESETS`` and the size presets' per-algorithm entries) that are constant
+    within every algo (the algo already names them). Runs with equal labels are averaged together.
     """
     order = {name: i for i, name in enumerate(_field_order())}
     algo_fields = _algo_preset_fields()

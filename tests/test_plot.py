@@ -108,6 +108,17 @@ def test_runs_differing_in_other_config_fields_are_not_averaged(tmp_path):
     out = tmp_path / "groups.png"
     assert main([*dirs, "--out", str(out)]) == 0 and _is_png(out)
 
+    # the size presets' per-algorithm values (sac's own cpu sizes, mbpo's real_ratio) come with the
+    # algorithm too; a field no preset ties to an algorithm (num_layers) is still shown
+    sizes = [run("k", algo="sac", seed=0, hidden_dim=256, actor_lr=3e-4, real_ratio=1.0),
+             run("l", algo="sac", seed=1, hidden_dim=256, actor_lr=3e-4, real_ratio=1.0),
+             run("m", algo="mbpo", hidden_dim=128, actor_lr=1e-4, real_ratio=0.5),
+             run("n", algo="ddppo", hidden_dim=128, actor_lr=1e-4, real_ratio=1.0, num_layers=2),
+             run("o", algo="ddppo", seed=1, hidden_dim=128, actor_lr=1e-4, real_ratio=1.0, num_layers=3)]
+    assert group_labels([read_run(d, "eval_return_mean") for d in sizes]) == [
+        ("Hopper", "sac num_layers=2"), ("Hopper", "sac num_layers=2"), ("Hopper", "mbpo num_layers=2"),
+        ("Hopper", "ddppo num_layers=2"), ("Hopper", "ddppo num_layers=3")]
+
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "no such run directory"),
