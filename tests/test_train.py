@@ -559,6 +559,20 @@ def test_policy_sn_placement():
         parse_args(["--policy-sn-layers", "some"])
 
 
+@pytest.mark.parametrize("algo", ["rp-sn", "ddppo-sn", "maac", "ddppo"])
+def test_model_sn_placement(algo):
+    """Paper 000 normalises every layer of the model but the output layer (the model must reach the
+    targets' scale); the gradient model of ddppo-sn likewise; no SN without the algorithm's flag."""
+    from fastrp.algos import get as get_algo
+
+    cfg = parse_args([*TINY, "--algo", algo])
+    agent = get_algo(algo)(cfg, 4, 1, [-1.0], [1.0], torch.device("cpu"))
+    models = [agent.model] + ([agent.grad_model] if algo.startswith("ddppo") else [])
+    for model in models:
+        layers = len(model.net.weights)
+        assert model.net.sn_layers == (tuple(range(layers - 1)) if algo.endswith("-sn") else ())
+
+
 @pytest.mark.parametrize("preset", ["paper", "cpu", "tiny"])
 @pytest.mark.parametrize("env", ["InvertedPendulum", "Hopper", "HalfCheetah"])
 def test_mbpo_presets_feed_model_rollouts_to_the_critic(preset, env):
