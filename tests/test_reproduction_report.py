@@ -34,7 +34,7 @@ def _run(tmp_path, name, algo, seed, variance, jacobian=(), **cfg):
                   policy_sn_layers="hidden")
     config.update(cfg)
     (d / "config.json").write_text(json.dumps({"config": config}))
-    (d / "metrics.csv").write_text("env_steps,eval_return_mean\n1000,1.0\n")
+    (d / "metrics.csv").write_text("env_steps,eval_return_mean\n1000,1.0\n10000,%s\n" % (100.0 * (seed + 1)))
     with open(d / "diagnostics.csv", "w", newline="") as f:
         w = csv.DictWriter(f, COLUMNS)
         w.writeheader()
@@ -97,3 +97,4 @@ def test_jacobian_table_mean_and_std_over_seeds(report, tmp_path):
     assert cells[3] == "0.80 ± 0.10"  # prediction model's state error: mean and (population) std of 0.9, 0.7
     assert cells[4] == "0.40 ± 0.10"  # gradient model's
     assert cells[5] == "0.20 ± 0.00" and cells[6] == "0.10 ± 0.00"
+    assert cells[9] == "150 ± 50"  # the eval return at that step: 100 and 200

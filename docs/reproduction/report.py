@@ -9,7 +9,7 @@ preset); numbers are mean +- std over the seeds of a group. Prints markdown tabl
 writes the figures into ``--img-dir``:
 
 * ``repro_variance.png``: the gradient variance against the unroll length H at the last
-  diagnostics step, in parameter space (``trace_cov``), normalised by the squared parameter norm
+  diagnostics step (geometric mean over seeds, band: +-1 std of log10), in parameter space (``trace_cov``), normalised by the squared parameter norm
   (``trace_cov_norm``) and with respect to the policy's actions (``action_trace_cov``);
 * ``repro_growth.png``: the growth of the variance from H = 1 to H = 20 over training;
 * ``repro_lipschitz.png``: the spectral norm of the closed-loop H-step Jacobian ``d s_H / d s_0``
@@ -182,8 +182,8 @@ def jacobian_table(runs):
     lines = ["\nModel Jacobian errors against MuJoCo's (relative Frobenius, state block d s'/d s and action "
              "block d s'/d a) and the prediction MSE, prediction model against gradient model:\n",
              "| env | algo | step | state: prediction | state: gradient | action: prediction | action: gradient "
-             "| pred MSE: prediction | pred MSE: gradient |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| pred MSE: prediction | pred MSE: gradient | eval return |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for (env, label), rs in sorted(runs.items(), key=lambda kv: (kv[0][0], _key(kv[0][1]))):
         if not label.startswith("ddppo"):
             continue
@@ -192,9 +192,11 @@ def jacobian_table(runs):
         steps = sorted(set().union(*[set(p) for p in cols[("gradient", "jac_state_err")]]))
         for step in steps:
             cell = lambda m, c: _ms([p[step][0] for p in cols[(m, c)] if step in p and 0 in p[step]])
+            returns = [_float(r.get("eval_return_mean")) for _, _, metrics in rs for r in metrics
+                       if int(r["env_steps"]) == step]
             lines.append(f"| {env} | `{label}` | {step // 1000}k | " + " | ".join(
                 cell(m, c) for c in ("jac_state_err", "jac_action_err", "pred_mse")
-                for m in ("prediction", "gradient")) + " |")
+                for m in ("prediction", "gradient")) + f" | {_ms(returns, '{:.0f}')} |")
     return "\n".join(lines)
 
 
@@ -208,10 +210,12 @@ def _pyplot():
 
 
 def _band(ax, x, ys, label):
-    ys = np.asarray(ys, dtype=float)
-    mean, std = np.nanmean(ys, axis=0), np.nanstd(ys, axis=0)
-    line, = ax.plot(x, mean, label=label)
-    ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    """Geometric mean over seeds with a band of +-1 std of log10 (the estimates are heavy-tailed
+    and drawn on a log axis)."""
+    logs = np.log10(np.asarray(ys, dtype=float))
+    mean, std = np.nanmean(logs, axis=0), np.nanstd(logs, axis=0)
+    line, = ax.plot(x, 10 ** mean, label=label)
+    ax.fill_between(x, 10 ** (mean - std), 10 ** (mean + std), color=line.get_color(), alpha=0.2)
 
 
 def variance_figure(runs, out):
