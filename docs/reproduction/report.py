@@ -218,6 +218,25 @@ def _band(ax, x, ys, label):
     ax.fill_between(x, 10 ** (mean - std), 10 ** (mean + std), color=line.get_color(), alpha=0.2)
 
 
+def _last_step_against_h(ax, runs, env, kind, column, title):
+    """One line per algo of ``env``: ``column`` of the ``kind`` rows against H at the last
+    diagnostics step (:func:`_band` over the seeds), log axis."""
+    for (e, label), rs in sorted(runs.items(), key=lambda kv: _key(kv[0][1])):
+        if e != env or label.startswith("ddppo"):
+            continue
+        per = [p for p in (series(d, kind, "prediction", column) for _, d, _ in rs) if p]
+        if not per:
+            continue
+        last = max(max(p) for p in per)
+        per = [p[last] for p in per if last in p]
+        hs = sorted(set.intersection(*[set(p) for p in per]))
+        _band(ax, hs, [[p[h] for h in hs] for p in per], f"{label} ({len(per)} seeds)")
+    ax.set_yscale("log")
+    ax.set_xlabel("unroll length H")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+
+
 def variance_figure(runs, out):
     plt = _pyplot()
     envs = sorted({env for env, _ in runs})
@@ -226,22 +245,7 @@ def variance_figure(runs, out):
     fig, axes = plt.subplots(len(envs), len(cols), figsize=(5 * len(cols), 3.6 * len(envs)), squeeze=False)
     for i, env in enumerate(envs):
         for j, (column, title) in enumerate(cols):
-            ax = axes[i][j]
-            for (e, label), rs in sorted(runs.items(), key=lambda kv: _key(kv[0][1])):
-                if e != env or label.startswith("ddppo"):
-                    continue
-                per = [series(d, "variance", "prediction", column) for _, d, _ in rs]
-                per = [p for p in per if p]
-                if not per:
-                    continue
-                last = max(max(p) for p in per)
-                per = [p[last] for p in per if last in p]
-                hs = sorted(set.intersection(*[set(p) for p in per]))
-                _band(ax, hs, [[p[h] for h in hs] for p in per], f"{label} ({len(per)} seeds)")
-            ax.set_yscale("log")
-            ax.set_xlabel("unroll length H")
-            ax.set_title(f"{env}: {title}", fontsize=9)
-            ax.legend(fontsize=7)
+            _last_step_against_h(axes[i][j], runs, env, "variance", column, f"{env}: {title}")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -284,22 +288,8 @@ def lipschitz_figure(runs, out):
     envs = sorted({env for env, _ in runs})
     fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 3.6), squeeze=False)
     for i, env in enumerate(envs):
-        ax = axes[0][i]
-        for (e, label), rs in sorted(runs.items(), key=lambda kv: _key(kv[0][1])):
-            if e != env or label.startswith("ddppo"):
-                continue
-            per = [series(d, "lipschitz", "prediction", "unroll_jac_norm") for _, d, _ in rs]
-            per = [p for p in per if p]
-            if not per:
-                continue
-            last = max(max(p) for p in per)
-            per = [p[last] for p in per if last in p]
-            hs = sorted(set.intersection(*[set(p) for p in per]))
-            _band(ax, hs, [[p[h] for h in hs] for p in per], f"{label} ({len(per)} seeds)")
-        ax.set_yscale("log")
-        ax.set_xlabel("unroll length H")
-        ax.set_title(f"{env}: ||d s_H / d s_0|| through the model", fontsize=9)
-        ax.legend(fontsize=7)
+        _last_step_against_h(axes[0][i], runs, env, "lipschitz", "unroll_jac_norm",
+                             f"{env}: ||d s_H / d s_0|| through the model")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
