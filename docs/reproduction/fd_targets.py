@@ -62,8 +62,7 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     largest = max(pools)
     # warm the envs up with the policy so that the pool holds the states it visits, then record
-    held_warm = collect_transitions(env, policy, 1, 100, gen, rng)
-    del held_warm
+    collect_transitions(env, policy, 1, 100, gen, rng)
     held = collect_transitions(env, policy, largest, -(-largest // args.num_envs), gen, rng)
     obs, act, nxt = held.obs, held.actions, held.next_obs
     o = obs.shape[1]

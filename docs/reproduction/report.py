@@ -209,12 +209,18 @@ def _pyplot():
     return plt
 
 
-def _band(ax, x, ys, label):
+def _save(plt, fig, out):
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def _band(ax, x, ys, label, marker=None):
     """Geometric mean over seeds with a band of +-1 std of log10 (the estimates are heavy-tailed
     and drawn on a log axis)."""
     logs = np.log10(np.asarray(ys, dtype=float))
     mean, std = np.nanmean(logs, axis=0), np.nanstd(logs, axis=0)
-    line, = ax.plot(x, 10 ** mean, label=label)
+    line, = ax.plot(x, 10 ** mean, label=label, marker=marker)
     ax.fill_between(x, 10 ** (mean - std), 10 ** (mean + std), color=line.get_color(), alpha=0.2)
 
 
@@ -246,9 +252,7 @@ def variance_figure(runs, out):
     for i, env in enumerate(envs):
         for j, (column, title) in enumerate(cols):
             _last_step_against_h(axes[i][j], runs, env, "variance", column, f"{env}: {title}")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, out)
 
 
 def growth_figure(runs, out, lo=1, hi=20):
@@ -269,18 +273,13 @@ def growth_figure(runs, out, lo=1, hi=20):
                 if not per:
                     continue
                 steps = sorted(set.intersection(*[set(p) for p in per]))
-                logs = np.log10([[p[s][hi] / p[s][lo] for s in steps] for p in per])
-                mean, std = logs.mean(0), logs.std(0)
-                x = np.array(steps) / 1000
-                line, = ax.plot(x, 10 ** mean, marker="o", label=f"{label} ({len(per)} seeds)")
-                ax.fill_between(x, 10 ** (mean - std), 10 ** (mean + std), color=line.get_color(), alpha=0.2)
+                _band(ax, np.array(steps) / 1000, [[p[s][hi] / p[s][lo] for s in steps] for p in per],
+                      f"{label} ({len(per)} seeds)", marker="o")
             ax.set_yscale("log")
             ax.set_xlabel("env steps (thousands)")
             ax.set_title(f"{env}: {title}, H = {hi} over H = {lo}", fontsize=9)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, out)
 
 
 def lipschitz_figure(runs, out):
@@ -290,9 +289,7 @@ def lipschitz_figure(runs, out):
     for i, env in enumerate(envs):
         _last_step_against_h(axes[0][i], runs, env, "lipschitz", "unroll_jac_norm",
                              f"{env}: ||d s_H / d s_0|| through the model")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, out)
 
 
 def jacobian_figure(runs, out):
@@ -318,9 +315,7 @@ def jacobian_figure(runs, out):
         ax.set_ylabel("relative error of d s'/d s")
         ax.set_title(f"{env}: model state Jacobian against MuJoCo's", fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, out)
     return True
 
 
